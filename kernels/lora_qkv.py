@@ -1,0 +1,82 @@
+"""autograd.Function: the q, k, v projections of attention, saving X once.
+
+Each projection runs through the QLoRA GEMM of qlora_linear.py (W dequantized in registers inside the K loop, LoRA
+term in the epilogue). Saved for backward: X (only when some adapter needs dA or dm), each adapter's (T, r) X Aᵀ and
+DoRA norm (out,). Backward accumulates the three dX GEMMs into one buffer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slimtune.kernels.qlora_linear import (
+    backend_ops,
+    factor_needs,
+    projection_backward,
+    projection_forward,
+    projection_grad_input,
+    saved_for,
+)
+from slimtune.ops.lora_linear import LoRAProjection
+
+__all__ = ["LoRAQKVFunction", "lora_qkv_fused"]
+
+
+class LoRAQKVFunction(torch.autograd.Function):
+    """(q, k, v) = (proj_q(x), proj_k(x), proj_v(x)) for x (T, hidden).
+
+    Inputs after (x, projs, backend) are the factors of q, k, v, five each in `LoRAProjection.factors()` order.
+    """
+
+    @staticmethod
+    def forward(ctx, x, projs: tuple, backend: str, *factors):
+        ops = backend_ops(backend)
+        per_proj = (factors[0:5], factors[5:10], factors[10:15])
+        outs, xas, norms, needs, keep_x = [], [], [], [], False
+        for i, (proj, f) in enumerate(zip(projs, per_proj, strict=True)):
+            y, xa, norm = projection_forward(ops, x, proj, f)
+            nd = factor_needs(f, ctx.needs_input_grad[3 + 5 * i : 8 + 5 * i])
+            kx, kxa = saved_for(f, nd)
+            keep_x = keep_x or kx
+            outs.append(y)
+            xas.append(xa if kxa else None)
+            norms.append(norm)
+            needs.append(nd)
+        ctx.projs, ctx.backend, ctx.needs = projs, backend, needs
+        ctx.save_for_backward(x if keep_x else None, *xas, *norms, *factors)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        x, *rest = ctx.saved_tensors
+        xas, norms, factors = rest[0:3], rest[3:6], rest[6:]
+        ops = backend_ops(ctx.backend)
+        need_x = ctx.needs_input_grad[0]
+        grads, gms, dys = [], [], []
+        for i, dy in enumerate((dq, dk, dv)):
+            dy = dy.contiguous()
+            f = tuple(factors[5 * i : 5 * i + 5])
+            g, gm = projection_backward(ops, dy, x, ctx.projs[i], f, xas[i], norms[i], needs=(need_x, *ctx.needs[i]))
+            grads.extend(g)
+            gms.append(gm)
+            dys.append(dy)
+        dx = None
+        if need_x:
+            for i in range(3):
+                f = tuple(factors[5 * i : 5 * i + 5])
+                dx = projection_grad_input(
+                    ops, dys[i], ctx.projs[i], f, norms[i], gms[i], out=dx, accumulate=dx is not None
+                )
+        return (dx, None, None, *grads)
+
+
+def lora_qkv_fused(
+    x: torch.Tensor, *, q: LoRAProjection, k: LoRAProjection, v: LoRAProjection, backend: str = "triton"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused q/k/v projections for a 2-D x (T, hidden) on the given backend ("triton" | "torch")."""
+    if x.dim() != 2:
+        raise ValueError(f"lora_qkv expects a 2-D (tokens, hidden) input, got shape {tuple(x.shape)}")
+    for name, p in (("q", q), ("k", k), ("v", v)):
+        if p.shape[1] != x.shape[1]:
+            raise ValueError(f"lora_qkv: {name} expects {p.shape[1]} input features, x has {x.shape[1]}")
+    return LoRAQKVFunction.apply(x, (q, k, v), backend, *q.factors(), *k.factors(), *v.factors())

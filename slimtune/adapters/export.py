@@ -1,0 +1,151 @@
+"""Saving and loading adapters: slimtune's native format (exact resume) and PEFT's format (interop).
+
+Native: ``slimtune_adapter.json`` (kind, config, per-kind facts) + ``adapter_state.safetensors`` (every adapter
+tensor, trainable or frozen, keyed by module name). PEFT: ``adapter_config.json`` + ``adapter_model.safetensors``
+loadable by ``PeftModel.from_pretrained`` with identical outputs (DESIGN.md §6): three-matrix adapters are folded
+into plain LoRA (B' = s·B M with scale 1), per-module ranks go to ``rank_pattern`` / ``alpha_pattern``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from slimtune.adapters.base import Adapter, PeftFactors, get_adapter_class
+from slimtune.adapters.inject import adapters_of, decoder_layers, inject, layer_index
+
+NATIVE_CONFIG = "slimtune_adapter.json"
+NATIVE_WEIGHTS = "adapter_state.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+
+
+def _adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for name, adapter in adapters_of(model).items():
+        for pname, t in list(adapter.named_parameters()) + list(adapter.named_buffers()):
+            if not pname.startswith("base_layer."):
+                state[f"{name}.{pname}"] = t.detach().cpu().contiguous()
+    return state
+
+
+def _saved_modules(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for mod_name in names:
+        for n, m in model.named_modules():
+            if n == mod_name or n.endswith("." + mod_name):
+                for pn, p in m.named_parameters():
+                    state[f"{n}.{pn}"] = p.detach().cpu().contiguous()
+    return state
+
+
+def save_native(model: nn.Module, out_dir: str | Path, *, extra: dict[str, Any] | None = None) -> Path:
+    """Write every adapter tensor and the config: enough to rebuild the adapted model exactly."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    adapters = adapters_of(model)
+    if not adapters:
+        raise ValueError("model has no adapters to save")
+    first = next(iter(adapters.values()))
+    state = _adapter_state(model)
+    state.update(_saved_modules(model, first.config.modules_to_save))
+    save_file(state, str(out / NATIVE_WEIGHTS))
+    meta = {
+        "kind": first.kind,
+        "config": first.config.model_dump(mode="json"),
+        "modules": {n: a.extra_adapter_config() for n, a in adapters.items()},
+        **(extra or {}),
+    }
+    (out / NATIVE_CONFIG).write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def load_native(model: nn.Module, path: str | Path, *, inject_if_missing: bool = True) -> dict[str, Adapter]:
+    """Load a native adapter into ``model`` (injecting adapters of the saved kind first when needed)."""
+    path = Path(path)
+    meta = json.loads((path / NATIVE_CONFIG).read_text())
+    adapters = adapters_of(model)
+    if not adapters and inject_if_missing:
+        cls = get_adapter_class(meta["kind"])
+        adapters = inject(model, cls.Config.model_validate(meta["config"]), module_meta=meta.get("modules"))
+    state = load_file(str(path / NATIVE_WEIGHTS))
+    own = {n: t for n, t in model.state_dict(keep_vars=True).items()}
+    missing = []
+    with torch.no_grad():
+        for key, value in state.items():
+            target = own.get(key)
+            if target is None:
+                missing.append(key)
+                continue
+            if target.shape != value.shape:
+                raise ValueError(f"{path}: tensor {key} has shape {tuple(value.shape)}, model expects {tuple(target.shape)}")
+            target.copy_(value.to(target.device, target.dtype))
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} saved tensors do not fit this model (first: {missing[0]})")
+    for a in adapters.values():
+        a.after_load()
+    return adapters
+
+
+def export_peft(model: nn.Module, out_dir: str | Path, *, base_model_name_or_path: str | None = None) -> Path:
+    """Write the adapters in PEFT's LoRA format (see module docstring)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    adapters = adapters_of(model)
+    if not adapters:
+        raise ValueError("model has no adapters to export")
+    first = next(iter(adapters.values()))
+    cfg = first.config
+    factors: dict[str, PeftFactors] = {n: a.peft_factors() for n, a in adapters.items()}
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    for name, f in factors.items():
+        key = f"base_model.model.{name}"
+        tensors[f"{key}.lora_A.weight"] = f.A.contiguous().cpu()
+        tensors[f"{key}.lora_B.weight"] = f.B.contiguous().cpu()
+        if f.magnitude is not None:
+            tensors[f"{key}.lora_magnitude_vector"] = f.magnitude.contiguous().cpu()
+        ranks[name], alphas[name] = f.rank, f.alpha
+    for name, t in _saved_modules(model, cfg.modules_to_save).items():
+        tensors[f"base_model.model.{name}"] = t
+    # The most common rank/alpha become the defaults; the rest go to the patterns (keys are module names).
+    r0 = max(set(ranks.values()), key=list(ranks.values()).count)
+    a0 = max(set(alphas.values()), key=list(alphas.values()).count)
+    rank_pattern = {n: r for n, r in ranks.items() if r != r0}
+    alpha_pattern = {n: a for n, a in alphas.items() if a != a0}
+    rslora = {f.rslora for f in factors.values()}
+    if len(rslora) != 1:
+        raise ValueError("cannot export a mix of rsLoRA and plain-scaled modules in one PEFT config")
+    leafs = sorted({n.rsplit(".", 1)[-1] for n in adapters})
+    layers = sorted({layer_index(n) for n in adapters if layer_index(n) is not None})
+    num_layers = len(decoder_layers(model))
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r0,
+        "lora_alpha": a0,
+        "lora_dropout": cfg.dropout,
+        "target_modules": leafs,
+        "use_rslora": rslora.pop(),
+        "use_dora": any(f.magnitude is not None for f in factors.values()),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "layers_to_transform": layers if len(layers) < num_layers else None,
+        "layers_pattern": "layers" if len(layers) < num_layers else None,
+        "modules_to_save": list(cfg.modules_to_save) or None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "slimtune_kind": first.kind,
+    }
+    save_file(tensors, str(out / PEFT_WEIGHTS))
+    (out / PEFT_CONFIG).write_text(json.dumps(peft_config, indent=2))
+    return out

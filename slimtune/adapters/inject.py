@@ -1,0 +1,162 @@
+"""Put adapters on a model: target matching, layer selection (LayRA), freezing, merging and unloading."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import torch
+import torch.nn as nn
+
+from slimtune.adapters.base import Adapter, AdapterConfig, dense_weight, get_adapter_class, is_4bit
+
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear or a bitsandbytes 4-bit linear (the two bases an adapter can sit on)."""
+    if isinstance(module, nn.Linear):
+        return True
+    try:
+        import bitsandbytes as bnb
+
+        return isinstance(module, bnb.nn.Linear4bit)
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder's layer list (``model.model.layers`` for Llama/Qwen2/Mistral-style causal LMs)."""
+    for name, module in model.named_modules():
+        if name.endswith("layers") and isinstance(module, nn.ModuleList) and len(module) > 0:
+            return module
+    raise ValueError("could not find the decoder layers (a ModuleList named 'layers')")
+
+
+def layer_index(name: str) -> int | None:
+    m = _LAYER_RE.search(name)
+    return int(m.group(1)) if m else None
+
+
+def _matches(name: str, targets: str | list[str]) -> bool:
+    if targets == "all-linear":
+        return True
+    leaf = name.rsplit(".", 1)[-1]
+    for t in targets:
+        if t.startswith("re:"):
+            if re.search(t[3:], name):
+                return True
+        elif leaf == t or name.endswith("." + t) or name == t:
+            return True
+    return False
+
+
+def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """Names of the linear layers inside decoder layers that the config targets (lm_head is never a target)."""
+    num_layers = len(decoder_layers(model))
+    allowed = set(config.layer_indices(num_layers))
+    out = []
+    for name, module in model.named_modules():
+        idx = layer_index(name)
+        if idx is None or idx not in allowed or not is_linear(module) or isinstance(module, Adapter):
+            continue
+        if ".base_layer" in name:
+            continue
+        if _matches(name, config.targets):
+            out.append(name)
+    return out
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, new)
+
+
+def inject(
+    model: nn.Module, config: AdapterConfig, *, module_meta: dict[str, dict] | None = None
+) -> dict[str, Adapter]:
+    """Freeze the model and wrap every targeted linear layer in an adapter of ``config.kind``.
+
+    Returns the adapters by module name. ``config.modules_to_save`` modules (e.g. embed_tokens) are unfrozen.
+    ``module_meta`` (from a saved adapter) replaces the kind's ``plan`` so a load rebuilds the same shapes.
+    Raises ValueError when nothing matches (a typo in ``targets`` must not silently train nothing).
+    """
+    cls = get_adapter_class(config.kind)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = find_targets(model, config)
+    if not names:
+        raise ValueError(f"adapter.targets {config.targets!r} matched no linear layer of the decoder")
+    facts = module_meta if module_meta is not None else cls.plan(model, names, config)
+    adapters: dict[str, Adapter] = {}
+    for name in names:
+        base = model.get_submodule(name)
+        adapter = cls(base, config, name=name, **facts.get(name, {}))
+        _set_module(model, name, adapter)
+        adapters[name] = adapter
+    prepare_adapters(adapters)
+    for mod_name in config.modules_to_save:
+        found = [m for n, m in model.named_modules() if n == mod_name or n.endswith("." + mod_name)]
+        if not found:
+            raise ValueError(f"adapter.modules_to_save: no module named {mod_name!r}")
+        for m in found:
+            for p in m.parameters():
+                p.requires_grad_(True)
+    return adapters
+
+
+def prepare_adapters(adapters: dict[str, Adapter]) -> None:
+    """Set requires_grad from each adapter's declared trainable names (base layers stay frozen)."""
+    for adapter in adapters.values():
+        trainable = set(adapter.trainable_names())
+        for n, p in adapter.named_parameters():
+            p.requires_grad_(n in trainable)
+
+
+def adapters_of(model: nn.Module) -> dict[str, Adapter]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, Adapter)}
+
+
+def trainable_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    return ((n, p) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def merge(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every adapter by a dense nn.Linear holding the merged weight (4-bit bases are dequantized).
+
+    Exact up to the dtype: merged(x) equals the adapted layer's output computed in that dtype.
+    """
+    for name, adapter in list(adapters_of(model).items()):
+        base = adapter.base_layer
+        w = adapter.merged_weight()  # (out, in) fp32
+        out_dtype = dtype or (getattr(base, "compute_dtype", None) if is_4bit(base) else base.weight.dtype)
+        out_dtype = out_dtype or torch.float32
+        bias = getattr(base, "bias", None)
+        lin = nn.Linear(adapter.in_features, adapter.out_features, bias=bias is not None, device=w.device)
+        with torch.no_grad():
+            lin.weight = nn.Parameter(w.to(out_dtype), requires_grad=False)
+            if bias is not None:
+                lin.bias = nn.Parameter(bias.detach().to(out_dtype), requires_grad=False)
+        _set_module(model, name, lin)
+    return model
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Replace every remaining 4-bit linear by a dense nn.Linear (for saving a merged full model)."""
+    for name, module in list(model.named_modules()):
+        if is_linear(module) and is_4bit(module):
+            lin = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            with torch.no_grad():
+                lin.weight = nn.Parameter(dense_weight(module, dtype), requires_grad=False)
+                if module.bias is not None:
+                    lin.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
+            _set_module(model, name, lin)
+    return model
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every adapter, putting the original base layers back."""
+    for name, adapter in list(adapters_of(model).items()):
+        _set_module(model, name, adapter.restore_base())
+    return model

@@ -1,0 +1,175 @@
+"""Load a base model and its tokenizer: hub id | local HF folder | GGUF file; quantize to NF4/FP4.
+
+Quantization is done here rather than through transformers' ``BitsAndBytesConfig`` so that one code path serves
+every source (GGUF files included) and every device: each decoder ``nn.Linear`` is replaced by a bitsandbytes
+``Linear4bit`` whose ``Params4bit`` is quantized on the target device (double quant = ``compress_statistics``).
+Embeddings and lm_head stay in the compute dtype unless ``quantize_lm_head`` is set.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, Field
+
+from slimtune.errors import ModelError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelConfig(BaseModel):
+    """The base model (recipe key ``model``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="Hub id (org/name), a local HF folder, or a .gguf file path.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    tokenizer: str | None = Field(None, description="Tokenizer source when it differs from the model's.")
+    trust_remote_code: bool = Field(False, description="Allow code from the hub repo (off unless you say so).")
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+
+class QuantConfig(BaseModel):
+    """How the base is stored (recipe key ``quant``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["none", "nf4", "fp4"] = Field("nf4", description="4-bit base weights (bitsandbytes) or none.")
+    double_quant: bool = Field(True, description="Quantize the absmax statistics too (saves ~0.37 bit/param).")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Dtype of activations and dequantized tiles; auto = bfloat16 on CUDA, float32 on CPU."
+    )
+    blocksize: int = Field(64, description="Values per absmax block.")
+    quantize_lm_head: bool = Field(False, description="Store lm_head in 4-bit too.")
+
+
+def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    compute_dtype: torch.dtype
+    device: torch.device
+    source: str
+
+
+def _split_source(name: str) -> tuple[str, dict]:
+    """(pretrained path or id, extra from_pretrained kwargs) for a GGUF file, a folder or a hub id."""
+    p = Path(os.path.expanduser(name))
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ModelError(f"model.name: GGUF file {name} does not exist")
+        return str(p.parent), {"gguf_file": p.name}
+    if p.exists() or name.startswith((".", "/", "~")):
+        if not p.is_dir() or not (p / "config.json").is_file():
+            raise ModelError(f"model.name: {name} is not a model folder (no config.json)")
+        return str(p), {}
+    return name, {}
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    src, extra = _split_source(cfg.tokenizer or cfg.name)
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            src, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **extra
+        )
+    except Exception as e:  # transformers raises many types; the user needs one line
+        raise ModelError(f"model.tokenizer: cannot load tokenizer from {cfg.tokenizer or cfg.name}: {e}") from e
+    ensure_pad_token(tok)
+    return tok
+
+
+def ensure_pad_token(tok) -> None:
+    """A missing pad token becomes a dedicated existing token (unk, else eos); labels mask padding anyway."""
+    if tok.pad_token is None:
+        tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
+    if tok.pad_token is None:
+        raise ModelError("tokenizer has neither a pad, unk nor eos token")
+
+
+def quantize_linears(
+    model: nn.Module, *, mode: str, compute_dtype: torch.dtype, double_quant: bool = True, blocksize: int = 64,
+    device: torch.device | str = "cpu", include_lm_head: bool = False,
+) -> int:
+    """Replace the decoder's nn.Linear layers by bitsandbytes Linear4bit (quantized on ``device``).
+
+    Returns the number of layers quantized. lm_head is kept unless ``include_lm_head``.
+    """
+    import bitsandbytes as bnb
+
+    count = 0
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear):
+            continue
+        if name.endswith("lm_head") and not include_lm_head:
+            continue
+        q = bnb.nn.Linear4bit(
+            module.in_features, module.out_features, bias=module.bias is not None, compute_dtype=compute_dtype,
+            compress_statistics=double_quant, quant_type=mode, device="meta",
+        )
+        # bitsandbytes repacks CPU weights into an AVX512-BF16 layout (bf16 math) in eval mode; that changes the
+        # numerics and the packed format the fused kernels read, so keep the canonical layout.
+        q.support_avx512bf16_for_cpu = False
+        q.weight = bnb.nn.Params4bit(
+            module.weight.detach().to("cpu", torch.float32), requires_grad=False, quant_type=mode,
+            blocksize=blocksize, compress_statistics=double_quant,
+        ).to(device)
+        if module.bias is not None:
+            q.bias = nn.Parameter(module.bias.detach().to(device, compute_dtype), requires_grad=False)
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, q)
+        del module
+        count += 1
+    return count
+
+
+def load_model(model_cfg: ModelConfig, quant_cfg: QuantConfig, *, device: str | torch.device = "auto") -> LoadedModel:
+    """Load base + tokenizer, quantize as configured, freeze every weight, move to ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    dev = resolve_device(str(device))
+    dtype = resolve_dtype(quant_cfg.compute_dtype, dev)
+    src, extra = _split_source(model_cfg.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            src, revision=model_cfg.revision, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code,
+            attn_implementation=model_cfg.attn_implementation, **extra,
+        )
+    except Exception as e:
+        raise ModelError(f"model.name: cannot load {model_cfg.name}: {e}") from e
+    tok = load_tokenizer(model_cfg)
+    return prepare_loaded(model, tok, quant_cfg, device=dev, source=model_cfg.name)
+
+
+def prepare_loaded(model: nn.Module, tok, quant_cfg: QuantConfig, *, device: torch.device, source: str) -> LoadedModel:
+    """Quantize (if asked), cast, freeze and place an already-built model (also used for config-built models)."""
+    dtype = resolve_dtype(quant_cfg.compute_dtype, device)
+    model = model.to(dtype)
+    if quant_cfg.mode != "none":
+        quantize_linears(
+            model, mode=quant_cfg.mode, compute_dtype=dtype, double_quant=quant_cfg.double_quant,
+            blocksize=quant_cfg.blocksize, device=device, include_lm_head=quant_cfg.quantize_lm_head,
+        )
+    model = model.to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if tok is not None and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tok.pad_token_id
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tok, compute_dtype=dtype, device=device, source=source)

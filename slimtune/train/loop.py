@@ -1,0 +1,353 @@
+"""The one training loop: ``Trainer`` (setup / train / save / resume / cleanup) for one stage of a recipe.
+
+Loss normalisation: an optimizer step sums the token losses of its ``grad_accum`` micro-batches and divides by the
+number of target tokens of all of them, so 4 micro-batches of 1 give the same gradient as 1 micro-batch of 4.
+The loss is computed from the decoder's last hidden state by the chunked linear cross-entropy (the (T, V) logits
+never exist).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from slimtune.adapters.export import export_peft, load_native, save_native
+from slimtune.adapters.inject import adapters_of, inject
+from slimtune.config.recipe import Recipe
+from slimtune.data.dataset import TrainData, build_dataset, count_target_tokens
+from slimtune.errors import SlimtuneError
+from slimtune.models.load import LoadedModel, load_model
+from slimtune.ops.linear_ce import linear_cross_entropy
+from slimtune.train import faults
+from slimtune.train.checkpointing import enable_checkpointing
+from slimtune.train.optim import build_optimizer, build_scheduler, drop_frozen
+from slimtune.train.report import Reporter, SilentReporter
+from slimtune.train.state import (
+    check_resume_compatible,
+    latest_checkpoint,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    write_checkpoint,
+)
+
+
+class NonFiniteLoss(SlimtuneError):
+    """The loss or the gradients became NaN/inf (exit code 4)."""
+
+    exit_code = 4
+
+
+@dataclass
+class Position:
+    """Where training stands: optimizer steps done and the data position (epoch, micro-batches consumed)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+
+
+@dataclass
+class StepResult:
+    step: int
+    loss: float
+    lr: float
+    tokens: int
+    target_tokens: int
+    seconds: float
+    grad_norm: float
+    skipped: bool = False
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated CUDA memory, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of next-token losses over the batch's target tokens (labels != -100), fp32 0-dim."""
+    decoder = model.get_decoder()
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    head = model.get_output_embeddings()
+    return linear_cross_entropy(
+        hidden[:, :-1], head.weight, batch["labels"][:, 1:], bias=getattr(head, "bias", None), reduction="sum"
+    )
+
+
+@dataclass
+class Trainer:
+    """Trains one stage. ``model`` may be given (tests, chained stages); otherwise it is loaded from the recipe."""
+
+    recipe: Recipe
+    run_dir: Path
+    base_dir: Path = Path(".")
+    reporter: Reporter = field(default_factory=SilentReporter)
+    loaded: LoadedModel | None = None
+    init_adapter: Path | None = None
+    stage: str = "main"
+
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.run_dir)
+        self.pos = Position()
+        self._stop_requested = False
+        self.history: list[StepResult] = []
+
+    # ------------------------------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        r = self.recipe
+        seed_everything(r.train.seed)
+        if self.loaded is None:
+            self.reporter.log(f"loading {r.model.name} (quant {r.quant.mode})")
+            self.loaded = load_model(r.model, r.quant, device=r.train.device)
+        self.model, self.tokenizer, self.device = self.loaded.model, self.loaded.tokenizer, self.loaded.device
+        if adapters_of(self.model):
+            self.adapters = adapters_of(self.model)
+        elif self.init_adapter is not None:
+            self.adapters = load_native(self.model, self.init_adapter)
+        else:
+            self.adapters = inject(self.model, r.adapter)
+        for a in self.adapters.values():
+            facts = a.extra_adapter_config()
+            if facts:
+                self.reporter.log(f"{a.name}: {facts}")
+        n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        n_total = sum(p.numel() for p in self.model.parameters())
+        self.reporter.log(
+            f"{len(self.adapters)} {r.adapter.kind} adapters, {n_train:,} trainable parameters "
+            f"({100 * n_train / max(n_total, 1):.2f}% of {n_total:,})"
+        )
+        self.fuse_report = None
+        if r.train.fused:
+            from slimtune.models.fused import fuse_model
+            from slimtune.ops.dispatch import set_backend
+
+            set_backend(r.train.kernels)
+            self.fuse_report = fuse_model(self.model, log=self.reporter.log)
+        if r.train.grad_checkpointing != "none":
+            enable_checkpointing(self.model, r.train.grad_checkpointing)
+        self.data: TrainData = build_dataset(r.data, self.tokenizer, base_dir=self.base_dir, seed=r.train.seed)
+        if len(self.data) == 0:
+            raise SlimtuneError("data: no training examples after tokenization (check the sources and format)")
+        self.batches_per_epoch = self.data.num_batches(r.train.micro_batch)
+        self.total_steps = r.train.steps or max(
+            1, math.ceil(r.train.epochs * self.batches_per_epoch / r.train.grad_accum)
+        )
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(params, r.train)
+        self.scheduler = build_scheduler(self.optimizer, r.train, self.total_steps)
+        self.reporter.log(
+            f"{len(self.data)} examples, {self.batches_per_epoch} micro-batches/epoch, {self.total_steps} steps"
+        )
+
+    # ------------------------------------------------------------------------------------------ resume
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def resume(self, path: Path | None = None) -> bool:
+        """Restore the latest (or the given) checkpoint. Returns False when there is none to resume."""
+        ckpt = Path(path) if path is not None else latest_checkpoint(self.ckpt_root, warn=self.reporter.warn)
+        if ckpt is None:
+            return False
+        if not (ckpt / "trainer.pt").is_file():
+            raise SlimtuneError(f"--resume {ckpt}: not a slimtune checkpoint (no trainer.pt)")
+        saved_recipe = json.loads((ckpt / "recipe.json").read_text())
+        check_resume_compatible(saved_recipe, self.recipe.model_dump(mode="json"), where=str(ckpt))
+        load_native(self.model, ckpt / "adapter")
+        state = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=False)
+        for a in self.adapters.values():
+            a.on_step(state["step"], self.total_steps)
+        if any(not p.requires_grad for g in self.optimizer.param_groups for p in g["params"]):
+            drop_frozen(self.optimizer)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.pos = Position(**state["position"])
+        self._truncate_metrics(self.pos.step)
+        self.reporter.log(f"resumed from {ckpt} at step {self.pos.step}")
+        return True
+
+    # ------------------------------------------------------------------------------------------ train
+    def request_stop(self, *_: Any) -> None:
+        """Finish the current step, checkpoint and return (SIGINT / SIGTERM)."""
+        self._stop_requested = True
+
+    def _micro_batches(self):
+        """Endless micro-batch stream from the current data position (advancing epochs)."""
+        mb = self.recipe.train.micro_batch
+        while True:
+            for batch in self.data.batches(mb, epoch=self.pos.epoch, start=self.pos.batch):
+                self.pos.batch += 1
+                yield batch
+            self.pos.epoch += 1
+            self.pos.batch = 0
+
+    def _step(self, stream) -> StepResult:
+        r = self.recipe.train
+        t0 = time.perf_counter()
+        micro = [next(stream) for _ in range(r.grad_accum)]
+        n_target = sum(count_target_tokens(b) for b in micro)
+        n_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+        total = 0.0
+        for b in micro:
+            b = {k: v.to(self.device) for k, v in b.items()}
+            loss_sum = causal_lm_loss_sum(self.model, b)
+            loss_sum = faults.maybe_corrupt_loss(loss_sum, self.pos.step + 1)
+            (loss_sum / max(n_target, 1)).backward()
+            total += float(loss_sum.detach())
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grads = [p.grad for p in params if p.grad is not None]
+        if r.max_grad_norm > 0:
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, r.max_grad_norm))
+        else:
+            gnorm = float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads]))) if grads else 0.0
+        loss = total / max(n_target, 1)
+        lr = self.optimizer.param_groups[0]["lr"] if self.optimizer.param_groups else 0.0
+        skipped = False
+        if not (math.isfinite(loss) and math.isfinite(gnorm)):
+            if r.on_nonfinite == "stop":
+                self.optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteLoss(
+                    f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'} at step {self.pos.step + 1}; "
+                    f"stopped, the last good checkpoint is kept in {self.ckpt_root} (train.on_nonfinite: skip to skip)"
+                )
+            skipped = True
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.pos.step += 1
+        for a in self.adapters.values():
+            a.on_step(self.pos.step, self.total_steps)
+        if any(not p.requires_grad for p in params):
+            drop_frozen(self.optimizer)
+        return StepResult(self.pos.step, loss, lr, n_tokens, n_target, time.perf_counter() - t0, gnorm, skipped)
+
+    def train(self, *, stop_after: int | None = None) -> dict[str, Any]:
+        """Run until ``total_steps`` (or ``stop_after`` steps in this call, or a stop request). Returns the summary."""
+        r = self.recipe.train
+        self.model.train()
+        stream = self._micro_batches()
+        start_step, t_start = self.pos.step, time.perf_counter()
+        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        in_main = _in_main_thread()
+        if in_main:
+            for s in old:
+                signal.signal(s, self.request_stop)
+        interrupted = False
+        self.reporter.start(total=self.total_steps, done=self.pos.step)
+        try:
+            while self.pos.step < self.total_steps:
+                with faults.oom_guard(self.pos.step + 1, self.device):
+                    res = self._step(stream)
+                self.history.append(res)
+                self._log_metrics(res)
+                self.reporter.step(res, peak_memory_bytes(self.device))
+                done_here = self.pos.step - start_step
+                if r.save_every and self.pos.step % r.save_every == 0 and self.pos.step < self.total_steps:
+                    self.save_checkpoint()
+                if self._stop_requested or (stop_after is not None and done_here >= stop_after):
+                    interrupted = self.pos.step < self.total_steps
+                    break
+        finally:
+            self.reporter.stop()
+            if in_main:
+                for s, h in old.items():
+                    signal.signal(s, h)
+        if interrupted:
+            self.save_checkpoint()
+        wall = time.perf_counter() - t_start
+        steps_run = self.pos.step - start_step
+        toks = sum(h.tokens for h in self.history[-steps_run:]) if steps_run else 0
+        summary = {
+            "stage": self.stage,
+            "steps": self.pos.step,
+            "total_steps": self.total_steps,
+            "interrupted": interrupted,
+            "final_loss": self.history[-1].loss if self.history else None,
+            "first_loss": self.history[0].loss if self.history else None,
+            "wall_seconds": round(wall, 2),
+            "tokens_per_second": round(toks / wall, 1) if wall > 0 else None,
+            "peak_memory_bytes": peak_memory_bytes(self.device),
+            "device": str(self.device),
+            "data": self.data.stats,
+            "skipped_steps": [h.step for h in self.history if h.skipped],
+            "fused": self.fuse_report.as_dict() if self.fuse_report is not None else None,
+        }
+        return summary
+
+    # ------------------------------------------------------------------------------------------ save
+    def _log_metrics(self, res: StepResult) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": res.step, "loss": res.loss, "lr": res.lr, "tokens": res.tokens,
+                                "grad_norm": res.grad_norm, "seconds": round(res.seconds, 4),
+                                "skipped": res.skipped}) + "\n")
+
+    def _truncate_metrics(self, step: int) -> None:
+        path = self.run_dir / "metrics.jsonl"
+        if path.is_file():
+            rows = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+            path.write_text("".join(ln + "\n" for ln in rows))
+
+    def save_checkpoint(self) -> Path:
+        def writer(tmp: Path) -> None:
+            save_native(self.model, tmp / "adapter", extra={"base_model": self.recipe.model.name})
+            faults.kill_now_if_requested()
+            torch.save(
+                {
+                    "step": self.pos.step,
+                    "position": vars(self.pos).copy(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "rng": rng_state(),
+                    "stage": self.stage,
+                },
+                tmp / "trainer.pt",
+            )
+            (tmp / "recipe.json").write_text(json.dumps(self.recipe.model_dump(mode="json"), indent=2))
+
+        faults.maybe_kill_during_checkpoint(self.pos.step)
+        path = write_checkpoint(self.ckpt_root, self.pos.step, writer, keep=self.recipe.train.keep_checkpoints)
+        self.reporter.log(f"checkpoint {path}")
+        return path
+
+    def save_outputs(self) -> dict[str, str]:
+        """Native adapter, PEFT adapter and (optionally) the merged model, as the recipe's output asks."""
+        out: dict[str, str] = {}
+        out["adapter_native"] = str(save_native(self.model, self.run_dir / "adapter_native",
+                                                extra={"base_model": self.recipe.model.name}))
+        if self.recipe.output.export_peft:
+            out["adapter"] = str(export_peft(self.model, self.run_dir / "adapter",
+                                             base_model_name_or_path=self.recipe.model.name))
+        if self.recipe.output.save_merged:
+            from slimtune.train.merge import merge_to_folder
+
+            out["merged"] = str(merge_to_folder(self.recipe.model, self.run_dir / "adapter_native",
+                                                self.run_dir / "merged", dtype=self.recipe.output.merged_dtype))
+        return out
+
+    def cleanup(self) -> None:
+        self.model = None  # type: ignore[assignment]
+        self.loaded = None
+        self.optimizer = None  # type: ignore[assignment]
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread() and os.environ.get("SLIMTUNE_NO_SIGNALS") != "1"

@@ -1,0 +1,30 @@
+"""Merge a trained adapter into its base and write a full model folder loadable by transformers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from slimtune.adapters.export import load_native
+from slimtune.adapters.inject import merge
+from slimtune.models.load import DTYPES, ModelConfig, QuantConfig, load_model
+
+
+def merge_to_folder(model_cfg: ModelConfig, adapter_dir: Path, out_dir: Path, *, dtype: str = "bfloat16") -> Path:
+    """Load the base unquantized on CPU (fp32), apply the native adapter, merge, save in ``dtype``.
+
+    Merging onto the full-precision base (not the NF4 copy used for training) is what PEFT's merge_and_unload on
+    a reloaded base does; the difference from the training-time model is the base's quantization error.
+    """
+    loaded = load_model(model_cfg, QuantConfig(mode="none", compute_dtype="float32"), device="cpu")
+    model = loaded.model
+    load_native(model, adapter_dir)
+    merge(model, dtype=torch.float32)
+    model = model.to(DTYPES[dtype])
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.config.use_cache = True
+    model.save_pretrained(out_dir, safe_serialization=True)
+    loaded.tokenizer.save_pretrained(out_dir)
+    return out_dir
