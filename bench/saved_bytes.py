@@ -21,7 +21,6 @@ SDPA on both sides and saves the same tensors there (q, k, v, output, logsumexp)
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 

@@ -17,14 +17,16 @@ import triton.language as tl
 
 from slimtune.kernels.qlora_linear import (
     backend_ops,
+    dropout_seed,
     factor_needs,
     projection_backward,
     projection_forward,
     projection_grad_input,
     saved_for,
 )
-from slimtune.ops import lora_mlp as reference
 from slimtune.ops.lora_linear import LoRAProjection
+from slimtune.ops.lora_mlp import swiglu as torch_swiglu
+from slimtune.ops.lora_mlp import swiglu_backward_ as torch_swiglu_backward_
 
 __all__ = ["swiglu", "swiglu_backward_", "LoRAMLPFunction", "lora_mlp_fused"]
 
@@ -76,7 +78,7 @@ def swiglu_backward_(dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor) -> None
 def _swiglu_ops(backend: str):
     if backend == "triton":
         return swiglu, swiglu_backward_
-    return reference.swiglu, reference.swiglu_backward_
+    return torch_swiglu, torch_swiglu_backward_
 
 
 class LoRAMLPFunction(torch.autograd.Function):
@@ -92,19 +94,22 @@ class LoRAMLPFunction(torch.autograd.Function):
         act, _ = _swiglu_ops(backend)
         p_gate, p_up, p_down = projs
         f_gate, f_up, f_down = factors[0:5], factors[5:10], factors[10:15]
-        e, xa_g, n_g = projection_forward(ops, x, p_gate, f_gate)
-        g, xa_u, n_u = projection_forward(ops, x, p_up, f_up)
+        seeds = tuple(dropout_seed(p) for p in projs)  # LoRA dropout: independent masks per projection
+        e, xa_g, n_g = projection_forward(ops, x, p_gate, f_gate, seed=seeds[0])
+        g, xa_u, n_u = projection_forward(ops, x, p_up, f_up, seed=seeds[1])
         h = act(e, g)
-        y, xa_d, n_d = projection_forward(ops, h, p_down, f_down)
+        y, xa_d, n_d = projection_forward(ops, h, p_down, f_down, seed=seeds[2])
         del h  # recomputed in backward
 
         per_proj = factors_of(factors)
         needs = [factor_needs(f, ctx.needs_input_grad[4 + 5 * i : 9 + 5 * i]) for i, f in enumerate(per_proj)]
         keep = [saved_for(f, nd) for f, nd in zip(per_proj, needs, strict=True)]
         keep_x = keep[0][0] or keep[1][0]
-        ctx.projs, ctx.backend, ctx.needs = projs, backend, needs
+        ctx.projs, ctx.backend, ctx.needs, ctx.seeds = projs, backend, needs, seeds
         ctx.recompute_h = keep[2][0]  # down needs h for dA / dm
-        ctx.inplace_input_grad = bool(inplace_input_grad) and keep_x and not x.is_leaf
+        # dX may go into X's storage only when that storage belongs to no leaf (a parameter or a user's input)
+        root = x._base if x._base is not None else x
+        ctx.inplace_input_grad = bool(inplace_input_grad) and keep_x and not root.is_leaf
         xas = [xa if k[1] else None for xa, k in zip((xa_g, xa_u, xa_d), keep, strict=True)]
         ctx.save_for_backward(x if keep_x else None, e, g, *xas, n_g, n_u, n_d, *factors)
         return y
@@ -117,26 +122,31 @@ class LoRAMLPFunction(torch.autograd.Function):
         p_gate, p_up, p_down = ctx.projs
         f_gate, f_up, f_down = factors_of(tuple(factors))
         need_gate, need_up, need_down = ctx.needs
+        s_gate, s_up, s_down = ctx.seeds
         need_x = ctx.needs_input_grad[0]
         need_dh = need_x or any(need_gate) or any(need_up)
         dy = dy.contiguous()
 
         h = act(e, g) if ctx.recompute_h else None  # the one (T, I) allocation
-        grads_down, gm_d = projection_backward(ops, dy, h, p_down, f_down, xa_d, n_d, needs=(need_dh, *need_down))
+        grads_down, gm_d = projection_backward(
+            ops, dy, h, p_down, f_down, xa_d, n_d, needs=(need_dh, *need_down), seed=s_down
+        )
         grads_gate = grads_up = (None,) * 5
         dx = None
         if need_dh:
-            dh = projection_grad_input(ops, dy, p_down, f_down, n_d, gm_d, out=h)  # h is dead: dh reuses it
+            dh = projection_grad_input(ops, dy, p_down, f_down, n_d, gm_d, out=h, seed=s_down)  # h is dead: reuse
             act_backward_(dh, e, g)  # e <- de, g <- dg
             de, dg = e, g
             del dh, h
-            grads_gate, gm_g = projection_backward(ops, de, x, p_gate, f_gate, xa_g, n_g, needs=(need_x, *need_gate))
-            grads_up, gm_u = projection_backward(ops, dg, x, p_up, f_up, xa_u, n_u, needs=(need_x, *need_up))
+            grads_gate, gm_g = projection_backward(
+                ops, de, x, p_gate, f_gate, xa_g, n_g, needs=(need_x, *need_gate), seed=s_gate
+            )
+            grads_up, gm_u = projection_backward(ops, dg, x, p_up, f_up, xa_u, n_u, needs=(need_x, *need_up), seed=s_up)
             if need_x:  # x has been read for the last time
                 dx = projection_grad_input(
-                    ops, de, p_gate, f_gate, n_g, gm_g, out=x if ctx.inplace_input_grad else None
+                    ops, de, p_gate, f_gate, n_g, gm_g, out=x if ctx.inplace_input_grad else None, seed=s_gate
                 )
-                projection_grad_input(ops, dg, p_up, f_up, n_u, gm_u, out=dx, accumulate=True)
+                projection_grad_input(ops, dg, p_up, f_up, n_u, gm_u, out=dx, accumulate=True, seed=s_up)
         return (dx, None, None, None, *grads_gate, *grads_up, *grads_down)
 
 

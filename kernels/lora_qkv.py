@@ -11,6 +11,7 @@ import torch
 
 from slimtune.kernels.qlora_linear import (
     backend_ops,
+    dropout_seed,
     factor_needs,
     projection_backward,
     projection_forward,
@@ -33,8 +34,9 @@ class LoRAQKVFunction(torch.autograd.Function):
         ops = backend_ops(backend)
         per_proj = (factors[0:5], factors[5:10], factors[10:15])
         outs, xas, norms, needs, keep_x = [], [], [], [], False
+        seeds = tuple(dropout_seed(p) for p in projs)  # LoRA dropout: independent masks per projection
         for i, (proj, f) in enumerate(zip(projs, per_proj, strict=True)):
-            y, xa, norm = projection_forward(ops, x, proj, f)
+            y, xa, norm = projection_forward(ops, x, proj, f, seed=seeds[i])
             nd = factor_needs(f, ctx.needs_input_grad[3 + 5 * i : 8 + 5 * i])
             kx, kxa = saved_for(f, nd)
             keep_x = keep_x or kx
@@ -42,7 +44,7 @@ class LoRAQKVFunction(torch.autograd.Function):
             xas.append(xa if kxa else None)
             norms.append(norm)
             needs.append(nd)
-        ctx.projs, ctx.backend, ctx.needs = projs, backend, needs
+        ctx.projs, ctx.backend, ctx.needs, ctx.seeds = projs, backend, needs, seeds
         ctx.save_for_backward(x if keep_x else None, *xas, *norms, *factors)
         return tuple(outs)
 
@@ -56,7 +58,9 @@ class LoRAQKVFunction(torch.autograd.Function):
         for i, dy in enumerate((dq, dk, dv)):
             dy = dy.contiguous()
             f = tuple(factors[5 * i : 5 * i + 5])
-            g, gm = projection_backward(ops, dy, x, ctx.projs[i], f, xas[i], norms[i], needs=(need_x, *ctx.needs[i]))
+            g, gm = projection_backward(
+                ops, dy, x, ctx.projs[i], f, xas[i], norms[i], needs=(need_x, *ctx.needs[i]), seed=ctx.seeds[i]
+            )
             grads.extend(g)
             gms.append(gm)
             dys.append(dy)
@@ -65,7 +69,8 @@ class LoRAQKVFunction(torch.autograd.Function):
             for i in range(3):
                 f = tuple(factors[5 * i : 5 * i + 5])
                 dx = projection_grad_input(
-                    ops, dys[i], ctx.projs[i], f, norms[i], gms[i], out=dx, accumulate=dx is not None
+                    ops, dys[i], ctx.projs[i], f, norms[i], gms[i], out=dx, accumulate=dx is not None,
+                    seed=ctx.seeds[i],
                 )
         return (dx, None, None, *grads)
 

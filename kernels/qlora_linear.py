@@ -10,11 +10,14 @@ Layout of this file (kernel -> launchers -> projection forward/backward -> autog
   Σ_rows dY ⊙ acc into per-column partial sums for the DoRA magnitude gradient.
 * launchers `base_matmul`, `base_matmul_t`, `base_dmag`, `base_row_norm_sq`: same names and signatures as the
   plain-torch pieces in slimtune/ops/lora_linear.py.
-* `projection_forward` / `projection_backward`: the math of one adapted projection on either backend; the fused
-  MLP (lora_mlp.py) and q/k/v (lora_qkv.py) Functions are built from them.
+* `projection_forward` / `projection_backward` / `projection_grad_input`: the math of one adapted projection on
+  either backend (LoRA dropout by a seed whose mask is regenerated in backward); the fused MLP (lora_mlp.py) and
+  q/k/v (lora_qkv.py) Functions are built from them.
 * `QLoRALinearFunction` + `qlora_linear(x, *, proj, backend)`.
 
-Block sizes are launcher defaults (`DEFAULT_BLOCKS`; tests set smaller ones). (untuned: no GPU)
+Operands are cast to x's dtype for tl.dot (fp32 accumulation); fp32 inputs, and bf16 under the interpreter (which
+computes bf16 wrongly), dot in fp32. Block sizes are launcher defaults (`DEFAULT_BLOCKS`; tests set smaller ones).
+Speed: untuned (no GPU).
 """
 
 from __future__ import annotations
@@ -28,8 +31,11 @@ import triton
 import triton.language as tl
 
 from slimtune.kernels.nf4 import dequant_4bit, nf4_pointer_args
-from slimtune.ops import lora_linear as reference
-from slimtune.ops.lora_linear import LoRAProjection
+from slimtune.ops.lora_linear import LoRAProjection, dropout_mask
+from slimtune.ops.lora_linear import base_dmag as torch_base_dmag
+from slimtune.ops.lora_linear import base_matmul as torch_base_matmul
+from slimtune.ops.lora_linear import base_matmul_t as torch_base_matmul_t
+from slimtune.ops.lora_linear import base_row_norm_sq as torch_base_row_norm_sq
 from slimtune.ops.nf4 import NF4Weight
 
 __all__ = [
@@ -40,6 +46,7 @@ __all__ = [
     "base_dmag",
     "base_row_norm_sq",
     "backend_ops",
+    "dropout_seed",
     "projection_forward",
     "projection_backward",
     "projection_grad_input",
@@ -57,10 +64,12 @@ class GemmBlocks:
     block_k: int = 64
     group_m: int = 8  # tiles of M walked together so W tiles are reused from L2
     num_warps: int = 4
-    num_stages: int = 3
+    # 2 stages: the 4-bit kernel AOT-compiled (triton 3.9, sm_80/89/90, 64x64x64) needs 64 KiB of shared memory;
+    # 3 stages need 112 KiB, more than sm_86/sm_89 (RTX 30xx/40xx) allow per block. Speed: untuned (no GPU).
+    num_stages: int = 2
 
 
-DEFAULT_BLOCKS = GemmBlocks()  # (untuned: no GPU)
+DEFAULT_BLOCKS = GemmBlocks()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -112,6 +121,7 @@ def _qlora_gemm_kernel(
     ACCUMULATE: tl.constexpr,
     DMAG: tl.constexpr,
     DOT_DTYPE: tl.constexpr,  # operand dtype of tl.dot: x's dtype, or fp32 (fp32 inputs; bf16 in the interpreter)
+    DOT_PRECISION: tl.constexpr,  # fp32 dots: "tf32" or "ieee", following torch.backends.cuda.matmul.allow_tf32
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -162,7 +172,7 @@ def _qlora_gemm_kernel(
             )
         else:
             w = tl.load(w_ptr + w_idx, mask=w_mask, other=0.0)
-        acc += tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE))
+        acc += tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=DOT_PRECISION)
 
     if HAS_LORA:  # epilogue: + s · L R, with the rank R streamed in BLOCK_R chunks
         lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -179,7 +189,7 @@ def _qlora_gemm_kernel(
                 mask=r_mask[:, None] & n_mask[None, :],
                 other=0.0,
             )
-            lora += tl.dot(lt.to(DOT_DTYPE), rt.to(DOT_DTYPE))
+            lora += tl.dot(lt.to(DOT_DTYPE), rt.to(DOT_DTYPE), input_precision=DOT_PRECISION)
         acc += lora_scale * lora
 
     if DMAG:  # Σ_rows dY ⊙ (X Wᵀ + s L R) for this row-tile
@@ -260,7 +270,12 @@ def _dot_dtype(dtype: torch.dtype):
         return tl.float16
     if dtype == torch.bfloat16 and not _interpreting():  # the interpreter computes bf16 dots wrongly
         return tl.bfloat16
-    return tl.float32  # fp32 inputs: tf32 tensor cores on GPU (~3e-4 relative)
+    return tl.float32
+
+
+def _dot_precision() -> str:
+    # fp32 operands follow torch's matmul setting (off by default: exact fp32; tf32 costs ~3e-4 relative)
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def _block(limit: int, size: int) -> int:
@@ -330,7 +345,7 @@ def _launch_gemm(
         W_4BIT=w4, NESTED=nested, QBLOCK=qblock, QBLOCK2=qblock2,
         A_KSCALE=kscale is not None, HAS_LORA=has_lora, HAS_COLSCALE=colscale is not None,
         HAS_BIAS=bias is not None, ACCUMULATE=accumulate, DMAG=dmag_dy is not None,
-        DOT_DTYPE=_dot_dtype(a.dtype),
+        DOT_DTYPE=_dot_dtype(a.dtype), DOT_PRECISION=_dot_precision(),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=_block(64, r), GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
@@ -357,7 +372,7 @@ def base_matmul(
         out = torch.empty((x.shape[0], n_out), dtype=x.dtype, device=x.device)
     _launch_gemm(
         x, base, dx=False, out=out, n=n_out, lora_left=lora_left, lora_right=lora_right,
-        lora_scale=lora_scale, colscale=_fp32(out_scale), bias=bias,
+        lora_scale=lora_scale, colscale=_fp32(out_scale), bias=None if bias is None else bias.contiguous(),
     )
     return out
 
@@ -426,10 +441,10 @@ TRITON_OPS = SimpleNamespace(
     base_matmul=base_matmul, base_matmul_t=base_matmul_t, base_dmag=base_dmag, base_row_norm_sq=base_row_norm_sq
 )
 TORCH_OPS = SimpleNamespace(
-    base_matmul=reference.base_matmul,
-    base_matmul_t=reference.base_matmul_t,
-    base_dmag=reference.base_dmag,
-    base_row_norm_sq=reference.base_row_norm_sq,
+    base_matmul=torch_base_matmul,
+    base_matmul_t=torch_base_matmul_t,
+    base_dmag=torch_base_dmag,
+    base_row_norm_sq=torch_base_row_norm_sq,
 )
 
 
@@ -466,15 +481,40 @@ def dora_norm(ops: SimpleNamespace, proj: LoRAProjection, lora_A, lora_B, lora_M
         return (wsq + 2.0 * s * cross + (s * s) * quad).clamp_min(0.0).sqrt()
 
 
+def dropout_seed(proj: LoRAProjection) -> int | None:
+    """A fresh seed for the projection's LoRA dropout mask (None without dropout or adapter).
+
+    Drawn from torch's default CPU generator (no device sync; reproducible under torch.manual_seed and resumable
+    from the saved RNG state); the (T, in) mask itself is regenerated from it in backward, never saved.
+    """
+    if proj.dropout <= 0.0 or proj.lora_A is None:
+        return None
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def _dropped(x: torch.Tensor, proj: LoRAProjection, seed: int) -> torch.Tensor:
+    """drop(x): a transient (T, in) copy."""
+    return dropout_mask(x.shape, proj.dropout, seed, device=x.device, dtype=x.dtype).mul_(x)
+
+
 def projection_forward(
-    ops: SimpleNamespace, x: torch.Tensor, proj: LoRAProjection, factors: tuple, *, out: torch.Tensor | None = None
+    ops: SimpleNamespace,
+    x: torch.Tensor,
+    proj: LoRAProjection,
+    factors: tuple,
+    *,
+    seed: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """y (T, out) = the projection of x (T, in); also returns xa = X Aᵀ (T, r) and the DoRA norm n (out,)."""
+    """y (T, out) = the projection of x (T, in); also returns xa = drop(X) Aᵀ (T, r) and the DoRA norm n (out,).
+
+    `seed` (from `dropout_seed`) switches on LoRA dropout; pass the same seed to the backward functions.
+    """
     lora_A, lora_B, lora_M, magnitude, bias = factors
     dt = x.dtype
     xa = xam = norm = scale_vec = None
     if lora_A is not None:
-        xa = x @ lora_A.to(dt).T
+        xa = (x if seed is None else _dropped(x, proj, seed)) @ lora_A.to(dt).T
         xam = xa if lora_M is None else xa @ lora_M.to(dt).T
     if magnitude is not None:
         norm = dora_norm(ops, proj, lora_A, lora_B, lora_M)
@@ -496,6 +536,7 @@ def projection_backward(
     norm: torch.Tensor | None,
     *,
     needs: tuple[bool, ...],
+    seed: int | None = None,
 ) -> tuple[tuple, torch.Tensor | None]:
     """Factor gradients (dA, dB, dM, dmag, dbias) of one projection, and G·M (T, r) for `projection_grad_input`.
 
@@ -524,7 +565,7 @@ def projection_backward(
                 dm = (g.T @ xa).to(lora_M.dtype)
             gm = g if m_c is None else g @ m_c
             if need_a:
-                da = (gm.T @ x).to(lora_A.dtype)
+                da = (gm.T @ (x if seed is None else _dropped(x, proj, seed))).to(lora_A.dtype)
     if need_mag:
         zdy = ops.base_dmag(
             x, dy, proj.base, lora_left=xam, lora_right=None if b_c is None else b_c.T, lora_scale=s
@@ -545,12 +586,22 @@ def projection_grad_input(
     *,
     out: torch.Tensor | None = None,
     accumulate: bool = False,
+    seed: int | None = None,
 ) -> torch.Tensor:
-    """dX = (dY·c) W + (G M) A: one GEMM with W dequantized on the fly; into `out` (added when `accumulate`)."""
+    """dX = (dY·c) W + (G M) A: one GEMM with W dequantized on the fly; into `out` (added when `accumulate`).
+
+    With dropout the adapter term is masked, ((G M) A) ⊙ mask, and added after the GEMM (untuned: no GPU).
+    """
     lora_A, _, _, magnitude, _ = factors
     c = None if magnitude is None else magnitude.float() / norm
     a_c = None if gm is None else lora_A.to(dy.dtype)
-    return ops.base_matmul_t(dy, proj.base, out_scale=c, lora_left=gm, lora_right=a_c, out=out, accumulate=accumulate)
+    if seed is None or gm is None:
+        return ops.base_matmul_t(
+            dy, proj.base, out_scale=c, lora_left=gm, lora_right=a_c, out=out, accumulate=accumulate
+        )
+    dx = ops.base_matmul_t(dy, proj.base, out_scale=c, out=out, accumulate=accumulate)
+    shape = (dy.shape[0], proj.shape[1])
+    return dx.addcmul_(gm @ a_c, dropout_mask(shape, proj.dropout, seed, device=dy.device, dtype=dy.dtype))
 
 
 def factor_needs(proj_factors: tuple, needs_input_grad: tuple[bool, ...]) -> tuple[bool, ...]:
@@ -580,10 +631,11 @@ class QLoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, proj: LoRAProjection, backend: str, *factors):
         ops = backend_ops(backend)
-        y, xa, norm = projection_forward(ops, x, proj, factors)
+        seed = dropout_seed(proj)
+        y, xa, norm = projection_forward(ops, x, proj, factors, seed=seed)
         needs = factor_needs(factors, ctx.needs_input_grad[3:])
         keep_x, keep_xa = saved_for(factors, needs)
-        ctx.proj, ctx.backend, ctx.needs = proj, backend, needs
+        ctx.proj, ctx.backend, ctx.needs, ctx.seed = proj, backend, needs, seed
         ctx.save_for_backward(x if keep_x else None, xa if keep_xa else None, norm, *factors)
         return y
 
@@ -592,8 +644,8 @@ class QLoRALinearFunction(torch.autograd.Function):
         x, xa, norm, *factors = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], *ctx.needs)
         ops, dy, factors = backend_ops(ctx.backend), dy.contiguous(), tuple(factors)
-        grads, gm = projection_backward(ops, dy, x, ctx.proj, factors, xa, norm, needs=needs)
-        dx = projection_grad_input(ops, dy, ctx.proj, factors, norm, gm) if needs[0] else None
+        grads, gm = projection_backward(ops, dy, x, ctx.proj, factors, xa, norm, needs=needs, seed=ctx.seed)
+        dx = projection_grad_input(ops, dy, ctx.proj, factors, norm, gm, seed=ctx.seed) if needs[0] else None
         return (dx, None, None, *grads)
 
 

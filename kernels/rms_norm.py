@@ -1,8 +1,8 @@
 """RMSNorm: Triton kernels, launchers and the autograd Function.
 
 Forward, one program per row: load x (fp32 math), rstd = 1/sqrt(mean(x²)+eps), y = x·rstd·w; store y and rstd.
-Backward, each program walks a contiguous run of rows: dx = rstd·(w·dy − x̂·mean(w·dy·x̂)) with x̂ = x·rstd, and a
-per-program partial Σ dy·x̂ for dw (summed by torch afterwards) only when the weight trains.
+Backward, each program walks a contiguous run of rows: dx = rstd·(w·dy − x̂·mean(w·dy·x̂)) with x̂ = x·rstd,
+and a per-program partial Σ dy·x̂ for dw (summed by torch afterwards) only when the weight trains.
 
 Saved for backward: rstd (n fp32 values) and x — or the output y when ``save_output`` (x̂ = y / w then), on both
 backends.

@@ -30,10 +30,15 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
+# Exit code of a run stopped by SIGINT/SIGTERM after saving its checkpoint (128 + SIGINT, as shells report Ctrl-C).
+INTERRUPTED_EXIT = 130
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file (see `slimtune recipes`).", show_default=False)]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a key: --set train.lr=1e-4 (repeatable).")]
+SmokeOpt = Annotated[bool, typer.Option("--smoke", help="Smoke mode: SmolLM2-135M, local UDHR data, a few steps, small "
+                                        "eval, outputs under --smoke-dir (see README, Language recipes).")]
+SmokeDirOpt = Annotated[Path, typer.Option("--smoke-dir", help="Root folder of smoke runs and their generated data.")]
 
 
 def guarded(fn):
@@ -97,10 +102,22 @@ class RichReporter:
             self.progress = None
 
 
-def _load(recipe: Path, overrides: list[str] | None):
+def _load(recipe: Path, overrides: list[str] | None, smoke: bool = False, smoke_dir: Path | None = None,
+          show_plan: bool = False):
     from slimtune.config.recipe import load_recipe
 
-    return load_recipe(recipe, overrides)
+    if not smoke:
+        return load_recipe(recipe, overrides)
+    from slimtune.smoke import SMOKE_ROOT, load_smoke_recipe
+
+    r, plan = load_smoke_recipe(recipe, overrides, root=smoke_dir or Path(SMOKE_ROOT))
+    if show_plan:
+        console.print("smoke mode = these overrides:", highlight=False)
+        for item in plan.overrides:
+            console.print(f"  --set '{item}'", highlight=False, markup=False, soft_wrap=True)
+    for note in plan.notes:
+        err_console.print(f"[yellow]smoke:[/] {note}", highlight=False)
+    return r
 
 
 # --------------------------------------------------------------------------------------------- commands
@@ -112,19 +129,23 @@ def run(
     recipe: RecipeArg,
     set_: SetOpt = None,
     resume: Annotated[Optional[str], typer.Option(
-        "--resume", help="Continue from the latest checkpoint ('latest') or the given checkpoint folder.",
-        show_default=False)] = None,
+        "--resume", help="Continue from the latest checkpoint (--resume alone, or 'latest'), or from the given "
+        "checkpoint folder or run folder.", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the final summary.")] = False,
+    smoke: SmokeOpt = False,
+    smoke_dir: SmokeDirOpt = Path("runs/smoke"),
 ) -> None:
     """Run a recipe: every stage (train, export, merge, evaluate) not yet done."""
     from slimtune.train.runner import run_recipe
 
-    r = _load(recipe, set_)
+    r = _load(recipe, set_, smoke, smoke_dir)
     res: bool | Path = False if resume is None else (True if resume in ("", "latest") else Path(resume))
     if isinstance(res, Path) and not res.is_dir():
         raise SlimtuneError(f"--resume {resume}: no such checkpoint folder")
     result = run_recipe(r, base_dir=recipe.parent, reporter=RichReporter(quiet), resume=res)
     _print_run_summary(result, recipe)
+    if result.get("interrupted"):  # stopped by SIGINT/SIGTERM after saving: not finished, so not exit code 0
+        raise typer.Exit(INTERRUPTED_EXIT)
 
 
 def _print_run_summary(result: dict, recipe: Path) -> None:
@@ -142,6 +163,21 @@ def _print_run_summary(result: dict, recipe: Path) -> None:
                       f"{s.get('tokens_per_second') or 0:,.0f}", _human(s.get("peak_memory_bytes") or 0),
                       f"{s.get('wall_seconds', 0):.0f} s")
     console.print(table)
+    for s in result["stages"]:
+        per_source = s.get("tokens_per_source") or {}
+        if per_source:
+            total = sum(per_source.values()) or 1
+            console.print(f"{s['stage']}: tokens per source: " + ", ".join(
+                f"{name} {n:,} ({100 * n / total:.1f}%)" for name, n in per_source.items()), highlight=False)
+        skipped, bad = s.get("skipped_steps") or [], (s.get("data") or {}).get("skipped_records") or 0
+        if skipped:
+            console.print(f"[yellow]{s['stage']}: {len(skipped)} steps skipped for a non-finite loss or gradient "
+                          f"(train.on_nonfinite: skip): {', '.join(map(str, skipped))}[/]", highlight=False)
+        if bad:
+            console.print(f"[yellow]{s['stage']}: {bad} malformed data records skipped (data.on_error: skip)[/]",
+                          highlight=False)
+    if result.get("loram"):
+        _print_loram_summary(result["loram"])
     eval_md = Path(result["run_dir"]) / "eval.md"
     if eval_md.is_file():
         console.print(eval_md.read_text(), highlight=False, markup=False)
@@ -151,14 +187,20 @@ def _print_run_summary(result: dict, recipe: Path) -> None:
 @app.command()
 @guarded
 def validate(recipe: RecipeArg, set_: SetOpt = None,
-             show: Annotated[bool, typer.Option("--show", help="Print the full recipe with defaults.")] = False) -> None:
-    """Check a recipe (keys, types, values, files) without loading a model."""
-    r = _load(recipe, set_)
+             show: Annotated[bool, typer.Option("--show", help="Print the full recipe with defaults.")] = False,
+             smoke: SmokeOpt = False, smoke_dir: SmokeDirOpt = Path("runs/smoke")) -> None:
+    """Check a recipe (keys, types, values, files) without loading a model (--smoke: its smoke version, and the
+    overrides that make it)."""
+    r = _load(recipe, set_, smoke, smoke_dir, show_plan=smoke)
     if show:
         console.print_json(json.dumps(r.model_dump(mode="json")))
-    stages = ", ".join(s.name for s, _ in r.resolved_stages())
+    stages = ", ".join(s.name if s.kind != "train" or not r.stages else
+                       f"{s.name} ({sr.adapter.kind} r{sr.adapter.rank})" for s, sr in r.resolved_stages())
     console.print(f"[green]ok[/] {recipe}: {r.adapter.kind} r{r.adapter.rank} on {r.model.name} "
-                  f"(quant {r.quant.mode}); stages: {stages}", highlight=False)
+                  f"(quant {r.quant.mode}); stages: {stages}"
+                  + (f"; LoRAM: pruned at ratio {r.loram.ratio} ({r.loram.method}, keep first {r.loram.keep_first} / "
+                     f"last {r.loram.keep_last}){', aligned' if r.loram.align else ''}" if r.loram else ""),
+                  highlight=False)
 
 
 @app.command()
@@ -231,8 +273,194 @@ def _adapter_and_model(adapter: Path, model: str | None) -> tuple[Path, str]:
     return native, model
 
 
+@app.command()
+@guarded
+def doctor() -> None:
+    """Show versions, the GPU, whether the fused kernels can run, and what is missing."""
+    from slimtune.doctor import diagnose
+
+    report = diagnose()
+    table = Table(title="slimtune doctor")
+    table.add_column("check")
+    table.add_column("value", overflow="fold")
+    for c in report.checks:
+        table.add_row(c.name, c.value if c.ok else f"[yellow]{c.value}[/]")
+    console.print(table)
+    if report.missing:
+        console.print("[bold]missing:[/]", highlight=False)
+        for line in report.missing:
+            console.print(f"  - {line}", highlight=False, markup=False)
+    else:
+        console.print("[green]nothing missing[/]", highlight=False)
+
+
+# --------------------------------------------------------------------------------------------- loram
+
+
+loram_app = typer.Typer(
+    name="loram",
+    help="LoRAM steps on their own: prune a base, recover an adapter trained on the pruned model. A recipe with a "
+    "`loram:` section runs the whole pipeline with `slimtune run`.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+app.add_typer(loram_app, name="loram")
+
+
+def _print_loram_summary(info: dict) -> None:
+    from slimtune.loram.pipeline import describe_reduction
+
+    console.print(f"LoRAM: {describe_reduction(info['prune']['reduction'])}", highlight=False)
+    ev = info.get("eval") or {}
+    before, after = (ev.get("original") or {}).get("heldout"), (ev.get("merged") or {}).get("heldout")
+    if before and after:
+        console.print(f"LoRAM: held-out loss of the original model {before['loss']:.4f} → {after['loss']:.4f} with "
+                      f"the recovered adapter ({before['tokens']} tokens)", highlight=False)
+    for key in ("recovered", "merged"):
+        if info.get(key):
+            console.print(f"LoRAM {key}: {info[key]}", highlight=False)
+
+
+@loram_app.command("prune")
+@guarded
+def loram_prune(
+    model: Annotated[str, typer.Option("--model", "-m", help="Base: hub id, local HF folder, .gguf or pkg: path.",
+                                       show_default=False)],
+    ratio: Annotated[float, typer.Option("--ratio", "-r", help="Fraction of KV-head groups and MLP neurons removed "
+                                         "per pruned layer, in [0, 1).", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the pruned model.", show_default=False)],
+    method: Annotated[str, typer.Option("--method", help="magnitude | random")] = "magnitude",
+    keep_first: Annotated[int, typer.Option("--keep-first", help="Leading layers left intact.")] = 0,
+    keep_last: Annotated[int, typer.Option("--keep-last", help="Trailing layers left intact.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of --method random.")] = 0,
+) -> None:
+    """Prune a base model (structured: KV-head groups and MLP neurons) into a folder that `slimtune run` and the
+    model loader accept as a base (config.json + pruned safetensors + loram.json + tokenizer)."""
+    from types import SimpleNamespace
+
+    from slimtune.loram.pipeline import describe_reduction, prune_to_folder
+    from slimtune.models.load import ModelConfig
+
+    if not 0.0 <= ratio < 1.0:
+        raise SlimtuneError(f"--ratio {ratio}: must be in [0, 1)")
+    if method not in ("magnitude", "random"):
+        raise SlimtuneError(f"--method {method}: choose magnitude or random")
+    if keep_first < 0 or keep_last < 0:
+        raise SlimtuneError("--keep-first/--keep-last: must be >= 0")
+    settings = SimpleNamespace(ratio=ratio, method=method, keep_first=keep_first, keep_last=keep_last, seed=seed)
+    summary = prune_to_folder(ModelConfig(name=model), settings, out, reporter=RichReporter())
+    console.print(f"[green]pruned[/] {len(summary['pruned_layers'])} layers of {model} into {out}: "
+                  f"{describe_reduction(summary['reduction'])}", highlight=False)
+
+
+@loram_app.command("recover")
+@guarded
+def loram_recover(
+    adapter: Annotated[Path, typer.Option("--adapter", "-a", help="PEFT adapter trained on the pruned model (or a "
+                                          "run folder holding adapter/ or train/adapter/).", show_default=False)],
+    pruned: Annotated[Path, typer.Option("--pruned", "-p", help="The pruned model folder (or its loram.json).",
+                                         show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the recovered PEFT adapter.",
+                                      show_default=False)],
+    base_model: Annotated[Optional[str], typer.Option("--base-model", help="base_model_name_or_path to record "
+                                                      "(default: the original model in loram.json).")] = None,
+) -> None:
+    """Expand an adapter trained on a pruned model to the original model's shapes (zero rows/columns at pruned
+    positions); the result is a PEFT adapter for the ORIGINAL model."""
+    from slimtune.loram.recover import recover_adapter
+
+    peft_dir = next((d for d in (adapter, adapter / "adapter", adapter / "train" / "adapter")
+                     if (d / "adapter_config.json").is_file()), adapter)
+    path = recover_adapter(peft_dir, pruned, out, base_model_name_or_path=base_model)
+    console.print(f"[green]recovered[/] adapter for the original model written to {path}", highlight=False)
+
+
+@app.command("eval")
+@guarded
+def eval_(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    adapter: Annotated[Optional[Path], typer.Option(
+        "--adapter", help="A trained adapter: a run or stage folder, or its adapter_native/.", show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Option(
+        "--model", help="Evaluate this model instead (hub id, folder such as a run's merged/, .gguf).",
+        show_default=False)] = None,
+    label: Annotated[Optional[str], typer.Option("--label", help="Column name in the report.", show_default=False)] = None,
+    stage: Annotated[Optional[str], typer.Option("--stage", help="Use this stage's eval: section.",
+                                                 show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Report folder (default: the run folder).",
+                                                show_default=False)] = None,
+    smoke: SmokeOpt = False,
+    smoke_dir: SmokeDirOpt = Path("runs/smoke"),
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the report.")] = False,
+) -> None:
+    """Evaluate a recipe's eval: block on its base model, another model or an adapter; adds a column to eval.json/md."""
+    from slimtune.eval.recipe_eval import evaluate_recipe
+
+    r = _load(recipe, set_, smoke, smoke_dir)
+    log = (lambda _m: None) if quiet else (lambda m: console.print(f"[dim]·[/] {m}", highlight=False))
+    _, (json_path, md_path) = evaluate_recipe(r, base_dir=recipe.parent, model=model, adapter=adapter, label=label,
+                                              out_dir=out, stage=stage, log=log)
+    console.print(md_path.read_text(), highlight=False, markup=False)
+    console.print(f"report: {json_path}, {md_path}", highlight=False)
+
+
+@app.command()
+@guarded
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders (each with an eval.json).", show_default=False)],
+    label: Annotated[Optional[list[str]], typer.Option(
+        "--label", help="Which evaluation of each run (default: its last one, e.g. 'after sft'); repeatable.",
+        show_default=False)] = None,
+    all_labels: Annotated[bool, typer.Option("--all", help="Every evaluation of every run.")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the table as Markdown (and .json).",
+                                                show_default=False)] = None,
+) -> None:
+    """One table of several runs' evaluations: BLEU/chrF/perplexity per run (e.g. the Sardinian ablations)."""
+    from slimtune.eval.compare import compare_runs, lower_is_better, render_markdown
+
+    comp = compare_runs(list(runs), labels=label, all_labels=all_labels)
+    table = Table(title="comparison")
+    table.add_column("run")
+    table.add_column("label")
+    for m in comp.metrics:
+        table.add_column(f"{m} {'↓' if lower_is_better(m) else '↑'}", justify="right")
+    for row in comp.rows:
+        cells = []
+        for m in comp.metrics:
+            v = row.metrics.get(m)
+            text = "—" if v is None else f"{v:.2f}"
+            best = comp.best(m)
+            cells.append(f"[bold green]{text}[/]" if len(comp.rows) > 1 and v is not None and v == best else text)
+        table.add_row(row.run, row.label, *cells)
+    console.print(table)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(render_markdown(comp), encoding="utf-8")
+        out.with_suffix(".json").write_text(json.dumps(comp.to_json(), indent=2, ensure_ascii=False) + "\n")
+        console.print(f"written: {out}, {out.with_suffix('.json')}", highlight=False)
+
+
+def _resume_value(argv: list[str]) -> list[str]:
+    """`--resume` without a value means the latest checkpoint. Typer options cannot have an optional value, so
+    insert `latest` when the next word is missing, another option, or the recipe file."""
+    out = list(argv)
+    for i, word in enumerate(out):
+        if word == "--":
+            break
+        if word == "--resume":
+            nxt = out[i + 1] if i + 1 < len(out) else None
+            if nxt is None or nxt.startswith("-") or nxt.endswith((".yaml", ".yml")):
+                out.insert(i + 1, "latest")
+            break
+    return out
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.argv[1:] = _resume_value(sys.argv[1:])
     try:
         app()
     except SlimtuneError as e:  # pragma: no cover - commands are guarded; this is a last line of defence

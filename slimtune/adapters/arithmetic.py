@@ -113,7 +113,9 @@ def _load_adapter_and_merge(model: nn.Module, adapter_path: Path) -> nn.Module:
         from peft import PeftModel
 
         return PeftModel.from_pretrained(model, str(adapter_path)).merge_and_unload()
-    raise FileNotFoundError(f"{adapter_path}: neither a slimtune adapter ({NATIVE_CONFIG}) nor a PEFT one ({PEFT_CONFIG})")
+    raise FileNotFoundError(
+        f"{adapter_path}: neither a slimtune adapter ({NATIVE_CONFIG}) nor a PEFT one ({PEFT_CONFIG})"
+    )
 
 
 def arithmetic_merge(

@@ -40,7 +40,7 @@ class LayerRange(BaseModel):
 class AdapterConfig(BaseModel):
     """Fields every adapter kind shares (the recipe's ``adapter:`` block)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: str
     rank: int = Field(16, gt=0, le=4096, description="Rank r of the low-rank update.")
     alpha: float = Field(16.0, gt=0, description="Scale numerator: s = alpha / r (alpha / sqrt(r) for rsLoRA).")
@@ -50,7 +50,7 @@ class AdapterConfig(BaseModel):
         description="Module name suffixes (q_proj, down_proj, ...) or 're:<regex>'; 'all-linear' = every linear "
         "layer of the decoder (lm_head excluded).",
     )
-    layers: LayerRange | list[int] | None = Field(
+    layers: LayerRange | list[Annotated[int, Field(ge=0)]] | None = Field(
         None, description="Decoder layers that get adapters: {first: k, last: m} (LayRA) or a list; None = all."
     )
     modules_to_save: list[str] = Field(
@@ -66,6 +66,9 @@ class AdapterConfig(BaseModel):
             return list(range(num_layers))
         if isinstance(self.layers, LayerRange):
             return self.layers.indices(num_layers)
+        outside = sorted(i for i in set(self.layers) if i >= num_layers)
+        if outside:
+            raise ValueError(f"adapter.layers: {outside} out of range (the model has {num_layers} decoder layers)")
         return sorted(set(self.layers))
 
 

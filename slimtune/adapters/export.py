@@ -144,7 +144,6 @@ def export_peft(model: nn.Module, out_dir: str | Path, *, base_model_name_or_pat
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "inference_mode": True,
-        "slimtune_kind": first.kind,
     }
     save_file(tensors, str(out / PEFT_WEIGHTS))
     (out / PEFT_CONFIG).write_text(json.dumps(peft_config, indent=2))

@@ -160,7 +160,8 @@ class LaMDA(Adapter):
             with torch.no_grad():
                 due = torch.arange(self.rank, device=self.lamda_frozen.device) < n_due  # (r,)
                 new = (due & ~self.lamda_frozen).view(1, -1)  # snapshot these columns now
-                self.lamda_B_frozen.copy_(torch.where(new, self.lora_B.to(self.lamda_B_frozen.dtype), self.lamda_B_frozen))
+                snap = self.lamda_B_frozen
+                snap.copy_(torch.where(new, self.lora_B.to(snap.dtype), snap))
                 self.lamda_frozen |= due
                 frozen = self.lamda_frozen.view(1, -1)  # put every frozen column back (undo momentum and decay)
                 self.lora_B.copy_(torch.where(frozen, self.lamda_B_frozen.to(self.lora_B.dtype), self.lora_B))
@@ -205,12 +206,12 @@ def effective_rank(w: torch.Tensor, energy: float) -> int:
     """The smallest k with Σ_{i≤k} σ_i² / Σσ² ≥ energy (1 for an all-zero matrix)."""
     w = w.float()
     gram = w @ w.t() if w.shape[0] <= w.shape[1] else w.t() @ w  # (k, k): eigenvalues are σ²
-    sig2 = torch.linalg.eigvalsh(gram.double()).clamp_min(0).flip(0)  # descending
+    sig2 = torch.linalg.eigvalsh(gram).double().clamp_min(0).flip(0)  # descending; fp32 is ample for energies
     total = float(sig2.sum())
     if total <= 0:
         return 1
     cum = torch.cumsum(sig2, 0) / total
-    return int(torch.searchsorted(cum, torch.tensor([energy - 1e-12], dtype=cum.dtype)).item()) + 1
+    return int(torch.searchsorted(cum, torch.tensor([energy - 1e-6], dtype=cum.dtype)).item()) + 1
 
 
 def allocate_ranks(

@@ -5,17 +5,23 @@
 - **SLoRA**: A kaiming, N kaiming, B = 0 (ΔW = 0 at step 0); A, N and B all train.
 - **NLoRA**: Nyström initialisation from the base weight W (dequantized when 4-bit): C = W[:, :r] (out, r),
   R = W[:r, :] (r, in), U = W[:r, :r]; B = C, A = R, N = pinv(U), so B N A is the Nyström approximation of W.
-  Because B N A ≠ 0 the base is made *residual*, W_res = W − s·B₀N₀A₀, so the adapted model starts exactly where the
-  original did (up to fp32 rounding on a dense base; a 4-bit base is re-quantized, which adds one quantization
-  error: the log and the saved adapter config say so). ``init: as_released`` reproduces the public code instead:
-  N = U and no residual (the model does not start at the original).
-- **IntTune**: the NLoRA initialisation, then A and B frozen: only N trains (r² per module).
+  Because B N A ≠ 0, the initial value s·B₀N₀A₀ is taken out again so that training starts from the original model
+  (``residual``):
+    * ``base`` (DESIGN.md): the base becomes W_res = W − s·B₀N₀A₀ — exact up to fp32 rounding on an fp32 base; a
+      4-bit (or bf16) base is re-rounded, and since the Nyström residual of a real weight is often many times larger
+      than W (3–25× in Frobenius norm on SmolLM2-135M at r 8–32), that rounding can wreck the start: a warning says
+      so. Merge is the plain W_res + s·B N A = W + s·(B N A − B₀N₀A₀); ``restore_base`` (unload) adds s·B₀N₀A₀ back.
+    * ``adapter``: the base is untouched and the adapter adds s·(B N A − B₀N₀A₀) itself, written as
+      (B − B₀) N A + B₀ (N − N₀) A + B₀N₀ (A − A₀) (rank 3r; every term is exactly zero at init, so the start is
+      bit-exact on any base and low-precision compute never cancels large terms).
+  ``init: as_released`` reproduces the public code instead: N = U and nothing taken out (the model does not start
+  at the original).
+- **IntTune**: the NLoRA initialisation, then A and B frozen: only N trains (r² per module). With
+  ``residual: adapter`` its update is simply s·B (N − N₀) A (rank r).
 
-Residual bookkeeping. Merging is the plain W_res + s·B N A = W + s·(B N A − B₀N₀A₀): the original base plus the
-trained change. The PEFT export is relative to the *original* base, so NLoRA keeps B₀N₀ (out, r) and A₀ (r, in) as
-buffers and exports the rank-2r LoRA s·[B N, −B₀N₀]·[A; A₀]. IntTune's A and B never move (they are not trained),
-so it keeps only N₀ (r, r) and exports the exact rank-r LoRA s·B (N − N₀)·A. ``restore_base`` (used by unload)
-adds the residual back.
+Export. The PEFT export is relative to the *original* base: NLoRA keeps B₀, N₀, A₀ as buffers and exports the rank-2r
+LoRA s·(B N A − B₀N₀A₀) = [s·B N, −s·B₀N₀]·[A; A₀]. IntTune's A and B never move, so it keeps only N₀ and exports the
+exact rank-r LoRA s·B (N − N₀)·A.
 """
 
 from __future__ import annotations
@@ -90,13 +96,21 @@ class NLoRAConfig(AdapterConfig):
     kind: Literal["nlora"] = "nlora"
     init: Literal["nystrom", "as_released"] = Field(
         "nystrom",
-        description="nystrom: B = W[:, :r], N = pinv(W[:r, :r]), A = W[:r, :] with a residual base W − s·B N A (the "
-        "model starts at the original); as_released: N = W[:r, :r] and no residual, as in the public code.",
+        description="nystrom: B = W[:, :r], N = pinv(W[:r, :r]), A = W[:r, :], and the initial s·B N A is taken out "
+        "again (see `residual`) so the model starts at the original; as_released: N = W[:r, :r] and nothing taken "
+        "out, as in the public code.",
+    )
+    residual: Literal["base", "adapter"] = Field(
+        "base",
+        description="Where the initial s·B₀N₀A₀ is taken out (init: nystrom). base: the base weight becomes "
+        "W − s·B₀N₀A₀ (DESIGN.md; re-quantized when 4-bit, which can cost far more than one NF4 rounding because "
+        "the Nyström residual is often many times larger than W). adapter: the base stays untouched and the adapter "
+        "computes s·(B N A − B₀N₀A₀) itself, as a sum of terms that are each zero at init (exact start on any base).",
     )
 
 
 def nystrom_factors(w: torch.Tensor, r: int, *, pinv: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(C, N, R) of w (out, in): C = w[:, :r] (out, r), N = pinv(w[:r, :r]) or w[:r, :r] (r, r), R = w[:r, :] (r, in)."""
+    """(C, N, R) of w (out, in): C = w[:, :r] (out, r), N = pinv(U) or U (U = w[:r, :r]), R = w[:r, :] (r, in)."""
     out_f, in_f = w.shape
     if r > min(out_f, in_f):
         raise ValueError(f"Nyström init needs rank ≤ min(out, in) = {min(out_f, in_f)}, got rank {r}")
@@ -109,43 +123,63 @@ def nystrom_factors(w: torch.Tensor, r: int, *, pinv: bool = True) -> tuple[torc
 class NLoRA(SLoRA):
     kind = "nlora"
     Config = NLoRAConfig
-    description = "NLoRA: SLoRA with a Nyström init from W and a residual base (exact start)"
+    description = "NLoRA: SLoRA with a Nyström init from W, taken out again so training starts at the original"
 
     @property
-    def residual(self) -> bool:
+    def nystrom(self) -> bool:
+        """The init is the Nyström one and is taken out again (the model starts at the original)."""
         return self.config.init == "nystrom"
 
+    @property
+    def residual_in_base(self) -> bool:
+        return self.nystrom and self.config.residual == "base"
+
     def _register_state(self) -> None:
-        if self.residual:  # zero until the first init: then the "original" weight below is the base itself
-            device = self.lora_A.device
-            self.register_buffer("nlora_B0N0", torch.zeros(self.out_features, self.config.rank, device=device))
-            self.register_buffer("nlora_A0", torch.zeros(self.config.rank, self.in_features, device=device))
+        if self.nystrom:  # the initial factors; zero until the first init
+            r, device = self.config.rank, self.lora_A.device
+            self.register_buffer("nlora_B0", torch.zeros(self.out_features, r, device=device))  # (out, r)
+            self.register_buffer("nlora_N0", torch.zeros(r, r, device=device))  # (r, r)
+            self.register_buffer("nlora_A0", torch.zeros(r, self.in_features, device=device))  # (r, in)
 
     @classmethod
     def plan(cls, model: nn.Module, names: list[str], config: AdapterConfig) -> dict[str, dict[str, Any]]:
-        if config.init != "nystrom":
+        if config.init != "nystrom" or config.residual != "base":
             return {}
         requant = [n for n in names if is_4bit(model.get_submodule(n))]
         if requant:
             log.warning(
-                "%s: the base of %d/%d target layers is made residual (W − s·B N A) and re-quantized to 4 bits; the "
-                "adapted model starts at the original up to one extra quantization error",
+                "%s: the base of %d/%d target layers is made residual (W − s·B N A) and re-quantized to 4 bits. The "
+                "Nyström residual is often many times larger than W, so this rounding can move the start far from "
+                "the original model; adapter.residual: adapter keeps the base exact",
                 cls.kind, len(requant), len(names),
             )
         else:
             log.info("%s: the base of %d target layers is made residual (W − s·B N A)", cls.kind, len(names))
-        return {n: {"residual_base": "re-quantized 4-bit" if n in requant else "dense"} for n in names}
+        return {}  # nothing per module: the shapes follow from the config
 
-    # --- residual bookkeeping (what the subclass IntTune stores differently) -----------------------
-    def residual_delta(self) -> torch.Tensor:
-        """s·B₀N₀A₀ (out, in) fp32: what was taken out of the base (zero before the init and without residual)."""
-        if not self.residual:
-            return torch.zeros(self.out_features, self.in_features, device=self.lora_A.device)
-        return self.scale * (self.nlora_B0N0.float() @ self.nlora_A0.float())
+    # --- the initial value and where it was taken out (IntTune stores it differently) ----------------
+    def initial_bn(self) -> torch.Tensor:
+        """B₀N₀ (out, r) fp32."""
+        return self.nlora_B0.float() @ self.nlora_N0.float()
+
+    def initial_a(self) -> torch.Tensor:
+        """A₀ (r, in) fp32."""
+        return self.nlora_A0.float()
 
     def _remember_init(self) -> None:
-        self.nlora_B0N0.copy_(self.lora_B.detach() @ self.lora_N.detach())
+        self.nlora_B0.copy_(self.lora_B.detach())
+        self.nlora_N0.copy_(self.lora_N.detach())
         self.nlora_A0.copy_(self.lora_A.detach())
+
+    def _forget_init(self) -> None:
+        for t in (self.nlora_B0, self.nlora_N0, self.nlora_A0):
+            t.zero_()
+
+    def removed_from_base(self) -> torch.Tensor:
+        """s·B₀N₀A₀ (out, in) fp32 when the base was made residual, else zero."""
+        if not self.residual_in_base:
+            return torch.zeros(self.out_features, self.in_features, device=self.lora_A.device)
+        return self.scale * (self.initial_bn() @ self.initial_a())
 
     def reset_parameters(self) -> None:
         """Nyström init from the original weight (the base plus what an earlier init took out of it)."""
@@ -153,37 +187,49 @@ class NLoRA(SLoRA):
             super().reset_parameters()
             return
         with torch.no_grad():
-            w = dense_weight(self.base_layer) + self.residual_delta()  # (out, in) fp32 original; a fresh tensor
-            c, n, r = nystrom_factors(w, self.config.rank, pinv=self.residual)
+            w = dense_weight(self.base_layer) + self.removed_from_base()  # (out, in) fp32 original; a fresh tensor
+            c, n, r = nystrom_factors(w, self.config.rank, pinv=self.nystrom)
             self.lora_B.copy_(c)
             self.lora_N.copy_(n)
             self.lora_A.copy_(r)
-            if self.residual:
+            if self.nystrom:
                 self._remember_init()
+            if self.residual_in_base:
                 bna = (c.double() @ n.double() @ r.double()) * self.scale  # (out, in) in fp64: cancellation-safe
                 set_dense_weight(self.base_layer, (w.double() - bna).float())
             del w
 
+    def factors(self) -> LowRank:
+        if not self.nystrom or self.residual_in_base:
+            return super().factors()
+        # residual: adapter. B N A − B₀N₀A₀ = (B − B₀) N A + B₀ (N − N₀) A + B₀N₀ (A − A₀): rank 3r, every term is
+        # zero at init and small while training, so there is no cancellation of large terms in low precision.
+        A, N, B = self.lora_A, self.lora_N, self.lora_B
+        B0, N0, A0 = self.nlora_B0.to(B.dtype), self.nlora_N0.to(N.dtype), self.nlora_A0.to(A.dtype)
+        eye = torch.eye(N.shape[0], dtype=N.dtype, device=N.device)
+        return LowRank(
+            A=torch.cat([A, A, A - A0], dim=0),  # (3r, in)
+            B=torch.cat([B - B0, B0, B0 @ N0], dim=1),  # (out, 3r)
+            mid=torch.block_diag(N, N - N0, eye),  # (3r, 3r)
+            scale=self.scale,
+        )
+
     def restore_base(self) -> nn.Module:
         """The base layer with the residual added back: W_res + s·B₀N₀A₀ (re-quantized when 4-bit)."""
-        if self.residual and not _is_meta(self.base_layer):
+        if self.residual_in_base and not _is_meta(self.base_layer):
             with torch.no_grad():
-                set_dense_weight(self.base_layer, dense_weight(self.base_layer) + self.residual_delta())
-                self._clear_residual()
+                set_dense_weight(self.base_layer, dense_weight(self.base_layer) + self.removed_from_base())
+                self._forget_init()
         return self.base_layer
-
-    def _clear_residual(self) -> None:
-        self.nlora_B0N0.zero_()
-        self.nlora_A0.zero_()
 
     def peft_factors(self) -> PeftFactors:
         """Relative to the original base: s·(B N A − B₀N₀A₀) = [s·B N, −s·B₀N₀] · [A; A₀] (rank 2r, scale 1)."""
-        if not self.residual:
-            return super().peft_factors()
+        if not self.nystrom:
+            return Adapter.peft_factors(self)
         s = self.scale
         bn = self.lora_B.detach().float() @ self.lora_N.detach().float()  # (out, r)
-        b = torch.cat([s * bn, -s * self.nlora_B0N0.float()], dim=1)  # (out, 2r)
-        a = torch.cat([self.lora_A.detach().float(), self.nlora_A0.float()], dim=0)  # (2r, in)
+        b = torch.cat([s * bn, -s * self.initial_bn()], dim=1)  # (out, 2r)
+        a = torch.cat([self.lora_A.detach().float(), self.initial_a()], dim=0)  # (2r, in)
         return PeftFactors(A=a, B=b, alpha=float(a.shape[0]))
 
 
@@ -208,25 +254,35 @@ class IntTune(NLoRA):
     def trainable_names(self) -> list[str]:
         return ["lora_N"]
 
+    # A and B never move (they are not trained), so N₀ alone describes the initial value: B₀N₀A₀ = B N₀ A.
     def _register_state(self) -> None:
-        if self.residual:  # A and B are frozen, so N₀ alone describes what was taken out of the base
-            self.register_buffer("inttune_N0", torch.zeros(self.config.rank, self.config.rank, device=self.lora_A.device))
+        if self.nystrom:
+            r = self.config.rank
+            self.register_buffer("inttune_N0", torch.zeros(r, r, device=self.lora_A.device))
 
-    def residual_delta(self) -> torch.Tensor:
-        if not self.residual:
-            return torch.zeros(self.out_features, self.in_features, device=self.lora_A.device)
-        return self.scale * (self.lora_B.float() @ self.inttune_N0.float() @ self.lora_A.float())
+    def initial_bn(self) -> torch.Tensor:
+        return self.lora_B.detach().float() @ self.inttune_N0.float()
+
+    def initial_a(self) -> torch.Tensor:
+        return self.lora_A.detach().float()
 
     def _remember_init(self) -> None:
         self.inttune_N0.copy_(self.lora_N.detach())
 
-    def _clear_residual(self) -> None:
+    def _forget_init(self) -> None:
         self.inttune_N0.zero_()
+
+    def factors(self) -> LowRank:
+        if not self.nystrom or self.residual_in_base:
+            return SLoRA.factors(self)
+        # residual: adapter. s·B (N − N₀) A: rank r, zero at init.
+        mid = self.lora_N - self.inttune_N0.to(self.lora_N.dtype)
+        return LowRank(A=self.lora_A, B=self.lora_B, scale=self.scale, mid=mid)
 
     def peft_factors(self) -> PeftFactors:
         """s·B (N − N₀) A as a rank-r LoRA (A and B are frozen, so this equals s·(B N A − B₀N₀A₀))."""
-        if not self.residual:
-            return SLoRA.peft_factors(self)
+        if not self.nystrom:
+            return Adapter.peft_factors(self)
         n = self.lora_N.detach().float() - self.inttune_N0.float()  # (r, r)
         b = self.scale * (self.lora_B.detach().float() @ n)  # (out, r)
         return PeftFactors(A=self.lora_A.detach().float(), B=b, alpha=float(self.config.rank))

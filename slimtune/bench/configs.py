@@ -264,7 +264,8 @@ def config_from_gguf(path: str | os.PathLike):
         raise ModelError(f"{path}: cannot read GGUF metadata ({type(err).__name__}: {err})") from None
     arch = _gguf_value(reader, "general.architecture")
     if arch not in _GGUF_ARCH:
-        raise ModelError(f"{path}: GGUF architecture {arch!r} is not supported (known: {', '.join(sorted(_GGUF_ARCH))})")
+        known = ", ".join(sorted(_GGUF_ARCH))
+        raise ModelError(f"{path}: GGUF architecture {arch!r} is not supported (known: {known})")
 
     def need(key: str):
         value = _gguf_value(reader, f"{arch}.{key}")

@@ -40,7 +40,9 @@ unpadded batches, as the benchmark uses).
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,7 +50,6 @@ from typing import Any
 from slimtune.bench.configs import (
     PROJECTIONS,
     head_dim,
-    linear_has_bias,
     linear_shapes,
     parameter_counts,
     resolve_model_config,
@@ -216,10 +217,12 @@ def activation_bytes_per_token_per_layer(
     - SwiGLU MLP: SiLU keeps e = gate(x); the product keeps silu(e) and g = up(x); down's lora_A keeps the
       product (or its cast copy).
 
-    Fused = slimtune's Functions (DESIGN §3): RMSNorm keeps its input and the fp32 inverse RMS per row; the qkv
-    Function keeps X once; RoPE keeps nothing; attention keeps q, k, v, out, logsumexp; o keeps its input (the
-    attention output, same storage); the LoRA MLP Function keeps X, e = gate(X), g = up(X); every adapted
-    projection also keeps its (T, r) product X Aᵀ.
+    Fused = slimtune's Functions (DESIGN §3): RMSNorm (frozen weight, `FusedRMSNorm`) keeps its output and the
+    fp32 inverse RMS per row, and that output is the very tensor the qkv / MLP Function keeps as its X, so a norm
+    costs only its inverse RMS; the qkv Function keeps X once; RoPE keeps nothing per layer; attention keeps q, k,
+    v, out, logsumexp; o keeps its input (the attention output, same storage); the LoRA MLP Function keeps X,
+    e = gate(X), g = up(X); every adapted projection also keeps its (T, r) product X Aᵀ. (Checked against
+    saved_tensors_hooks in tests/bench/test_estimate_vs_measured.py: exact per layer.)
 
     LoRA dropout (p > 0) replaces the shared input by, per adapted projection, the dropout output (saved by
     lora_A) and what dropout keeps: a bool mask on CUDA (fused dropout kernel, 1 B/value), the float noise tensor
@@ -240,19 +243,19 @@ def activation_bytes_per_token_per_layer(
     items: dict[str, int] = {}
 
     if fused:
-        items["input_norm (x, inv_rms)"] = (hidden * d + f32) if input_requires_grad else 0
-        items["qkv input"] = hidden * d
+        items["input_norm (inv_rms)"] = f32 if input_requires_grad else 0
+        items["qkv input (= input_norm output)"] = hidden * d
         items["attention q,k,v,out"] = (2 * q_out + 2 * kv_out) * d
         items["attention logsumexp"] = heads * f32
-        items["post_attention_norm (h, inv_rms)"] = hidden * d + f32
-        items["mlp input"] = hidden * d
+        items["post_attention_norm (inv_rms)"] = f32
+        items["mlp input (= post_attention_norm output)"] = hidden * d
         items["mlp e=gate(x), g=up(x)"] = 2 * inter * d
         items["lora x·Aᵀ (T, r)"] = len(targets) * rank * d
         return items
 
     direct = a == d and lora_dropout == 0.0  # lora_A keeps the very tensor the base layer received
 
-    def lora_inputs(projs: tuple[str, ...]) -> int:
+    def lora_inputs(projs: tuple[str, ...], input_needs_grad: bool = True) -> int:
         """Input copies the adapted `projs` add beyond a shared input (which the caller counts)."""
         total = 0
         for p in projs:
@@ -260,7 +263,8 @@ def activation_bytes_per_token_per_layer(
                 continue
             in_f = shapes[p][1]
             if lora_dropout > 0.0:
-                total += in_f * a + in_f * mask  # dropout output (adapter dtype) + mask / noise
+                # dropout output (adapter dtype), and its mask / noise when a gradient flows back through it
+                total += in_f * a + (in_f * mask if input_needs_grad else 0)
             elif a != d:
                 total += in_f * a  # x.to(adapter_dtype)
         return total
@@ -269,7 +273,7 @@ def activation_bytes_per_token_per_layer(
     mlp_in = ("gate_proj", "up_proj")
     items["input_norm (x fp32, rsqrt)"] = (hidden * f32 + f32) if input_requires_grad else 0
     items["qkv input (shared)"] = hidden * d if direct and any(p in targets for p in attn_in) else 0
-    items["qkv lora input copies"] = lora_inputs(attn_in)
+    items["qkv lora input copies"] = lora_inputs(attn_in, input_requires_grad)
     items["attention q,k,v,out"] = (2 * q_out + 2 * kv_out) * d
     items["attention logsumexp"] = heads * f32
     items["o lora input copy"] = lora_inputs(("o_proj",))
@@ -366,6 +370,10 @@ class Estimate:
             return 0
         return (cap - self.fixed_bytes) // per_seq  # total_for(seq) <= cap < total_for(seq + 1)
 
+    def reestimate(self, **changes: Any) -> Estimate:
+        """The same estimate with some inputs changed (what `advice` compares; LoRAM overrides it)."""
+        return estimate(self.config, **{**self.inputs, **changes})
+
     def advice(self, gpu_mem_gib: float | None = None) -> list[str]:
         """What to lower or switch on when the step does not fit; empty when it fits."""
         cap = _cap(self, gpu_mem_gib)
@@ -376,7 +384,7 @@ class Estimate:
         tips: list[str] = []
 
         def alt(label: str, **changes: Any) -> None:
-            other = estimate(self.config, **{**inp, **changes, "gpu_mem_gib": None})
+            other = self.reestimate(**changes, gpu_mem_gib=None)
             if other.total_bytes >= self.total_bytes:
                 return
             verdict = "fits" if other.total_bytes <= cap else f"still over {cap_gib:.1f} GiB"
@@ -451,11 +459,11 @@ def estimate(
         grad_checkpointing=grad_checkpointing, fused=fused, gpu_mem_gib=gpu_mem_gib,
         quantize_lm_head=quantize_lm_head, ce_chunk_tokens=ce_chunk_tokens, cuda_context_gib=cuda_context_gib,
     )
-    model_name = config if isinstance(config, str) else (
-        getattr(config, "_name_or_path", "") or getattr(config, "name_or_path", "") or config.model_type
-    )
     if isinstance(config, str) or hasattr(config, "__fspath__"):
+        model_name = os.fspath(config)
         config = resolve_model_config(config)
+    else:
+        model_name = getattr(config, "_name_or_path", "") or getattr(config, "model_type", "model")
     _choice("quant", quant, QUANTS)
     _choice("optimizer", optimizer, OPTIMIZERS)
     _choice("grad_checkpointing", grad_checkpointing, CHECKPOINTING)
@@ -471,7 +479,7 @@ def estimate(
     inputs["targets"] = list(targets)
 
     counts = parameter_counts(config)
-    shapes, bias = linear_shapes(config), linear_has_bias(config)
+    shapes = linear_shapes(config)
     L, hidden, vocab = config.num_hidden_layers, config.hidden_size, config.vocab_size
     notes: list[str] = []
 
@@ -549,8 +557,11 @@ def estimate(
         # one (chunk, V) logits buffer in the head's dtype, overwritten in place by the gradient.
         logits_per_token = hidden * d + 4 + 8
         if ce_chunk_tokens is None:
-            # Liger's rule: chunk = T / ceil(V / hidden) rounded up to a power of two (< 2x): bounded by 2x.
-            logits_fixed = 0
+            # Liger's rule: chunk = T / ceil(V / hidden) rounded up to a power of two (< 2x): bounded by 2x,
+            # plus the 64 MiB-of-fp32-logits floor of default_chunk_size (counted additively: conservative).
+            from slimtune.ops.linear_ce import MIN_CHUNK_LOGITS_BYTES
+
+            logits_fixed = 2 * MIN_CHUNK_LOGITS_BYTES * d // 4
             logits_per_token += math.ceil(2 * vocab * d / math.ceil(vocab / hidden))
         else:
             logits_fixed = ce_chunk_tokens * vocab * d
@@ -728,3 +739,91 @@ def format_table(est: Estimate):
         for tip in est.advice():
             table.add_row("", "", f"• {tip}")
     return table
+
+
+# --------------------------------------------------------------------------------------------------------------
+# From a recipe
+# --------------------------------------------------------------------------------------------------------------
+
+#: Adapter kinds the estimator sizes under another kind's tensor layout (same shapes per module).
+_KIND_AS = {"lamda_pp": "lamda"}
+
+
+def _recipe_targets(targets: Any) -> tuple[str, ...]:
+    """The projections a recipe's ``adapter.targets`` (suffixes, ``re:`` regexes or "all-linear") selects."""
+    from slimtune.adapters.inject import _matches
+
+    if targets in (None, "all-linear"):
+        return PROJECTIONS
+    chosen = tuple(
+        p for p in PROJECTIONS
+        if _matches(f"model.layers.0.{'self_attn' if p[0] in 'qkvo' else 'mlp'}.{p}", list(targets))
+    )
+    if not chosen:
+        raise SlimtuneError(f"adapter.targets {targets!r}: matches none of {', '.join(PROJECTIONS)}")
+    return chosen
+
+
+def estimate_recipe_stages(recipe: Any, gpu_mem_gib: float | None = 24.0) -> list[tuple[str, Estimate]]:
+    """One estimate per stage of ``recipe`` (a ``slimtune.config.recipe.Recipe``), without weights or a GPU.
+
+    The model config comes from ``recipe.model.name`` via :func:`resolve_model_config` (built-in table, local
+    folder / config.json / GGUF, or a cached hub config; ``pkg:`` paths resolve to the file a package ships). Every
+    stage shares that architecture (a merged previous stage has the same shapes). Mapping: ``quant.mode``,
+    ``double_quant``, ``compute_dtype`` ("auto" is bfloat16, what a CUDA run uses), ``quantize_lm_head``;
+    ``adapter.kind``/``rank``/``targets``/``layers``/``dropout``; ``train.optimizer``/``micro_batch``/
+    ``grad_checkpointing``/``fused``; seq_len = ``data.max_seq_len``.
+    """
+    from slimtune.errors import ModelError
+    from slimtune.models.load import resolve_package_path
+
+    try:
+        config = resolve_model_config(resolve_package_path(recipe.model.name))
+    except ModelError:
+        raise
+    except Exception as err:  # a GGUF/JSON reader failing on a malformed file: one line, not a traceback
+        raise ModelError(f"model.name: {recipe.model.name}: cannot read its config ({type(err).__name__}: {err})") from None
+    from slimtune.loram.estimate import estimate_loram, recipe_loram_layout
+
+    loram = recipe_loram_layout(recipe)  # LoRAM: the training-time peak is the pruned model's
+    out: list[tuple[str, Estimate]] = []
+    for stage, r in recipe.resolved_stages():
+        a, q, t = r.adapter, r.quant, r.train
+        kind = _KIND_AS.get(a.kind, a.kind)
+        layers = a.layers
+        if layers is not None and hasattr(layers, "first"):
+            layers = {"first": layers.first, "last": layers.last}
+        extra: dict[str, Any] = {}
+        notes: list[str] = []
+        if kind not in ADAPTER_KINDS or a.modules_to_save:
+            from slimtune.adapters.counts import trainable_counts
+
+            options = {k: v for k, v in a.model_dump().items()
+                       if k not in ("kind", "rank", "targets", "layers")}
+            extra["adapter_params"] = trainable_counts(config, a.kind, a.rank, a.targets, a.layers, **options)
+            if kind not in ADAPTER_KINDS:
+                kind = "lora"
+            if a.modules_to_save:
+                notes.append(f"modules_to_save {', '.join(a.modules_to_save)} train in full (counted in adapter params)")
+        if a.kind != kind and a.kind in _KIND_AS:
+            notes.append(f"{a.kind}: sized as {kind} at uniform rank {a.rank} (the per-module ranks depend on the "
+                         "weights' spectrum; the total budget is the same)")
+        est = (estimate if loram is None else functools.partial(estimate_loram, **loram))(
+            config,
+            quant=q.mode, double_quant=q.double_quant,
+            compute_dtype="bfloat16" if q.compute_dtype == "auto" else q.compute_dtype,
+            quantize_lm_head=q.quantize_lm_head,
+            kind=kind, rank=a.rank, targets=_recipe_targets(a.targets), layers=layers, lora_dropout=a.dropout,
+            optimizer=t.optimizer, seq_len=r.data.max_seq_len, micro_batch=t.micro_batch,
+            grad_checkpointing=t.grad_checkpointing, fused=t.fused, gpu_mem_gib=gpu_mem_gib, **extra,
+        )
+        est.model = recipe.model.name
+        est.notes.extend(notes)
+        out.append((stage.name, est))
+    return out
+
+
+def estimate_for_recipe(recipe: Any, gpu_mem_gib: float | None = 24.0) -> Estimate:
+    """The estimate of the recipe's most demanding stage (the max over stages; see :func:`estimate_recipe_stages`)."""
+    stages = estimate_recipe_stages(recipe, gpu_mem_gib)
+    return max(stages, key=lambda s: s[1].total_bytes)[1]

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 class SourceConfig(BaseModel):
     """One data source: a local file (json, jsonl, txt, parquet) or a Hugging Face hub dataset (`hub:<name>`)."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
     path: str = Field(min_length=1)
     """A local file (`.json`: a list of records or {"data": [...]}; `.jsonl`; `.txt`; `.parquet`), a glob of such
@@ -75,7 +75,7 @@ class SourceConfig(BaseModel):
 class ReplayConfig(BaseModel):
     """Replay data mixed in to limit forgetting (e.g. Italian/Spanish/Catalan while training on Sardinian)."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
     ratio: float = Field(ge=0.0, lt=1.0)
     """Target share of replay tokens in the final mix: replay / (main + replay). 0.17 → 17% replay tokens."""
@@ -87,7 +87,7 @@ class ReplayConfig(BaseModel):
 class DataConfig(BaseModel):
     """What to train on and how examples are built."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
     sources: list[SourceConfig] = Field(min_length=1)
     """Main sources, mixed by token share according to their weights."""
@@ -118,7 +118,7 @@ class DataConfig(BaseModel):
     shuffle: bool = True
     """Shuffle documents before packing and examples every epoch (deterministic from seed and epoch)."""
 
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
     """Seed for mixing, holdout and shuffling; default: inherit `train.seed`."""
 
     loss_mask: Literal["auto", "prefix", "generation"] = "auto"

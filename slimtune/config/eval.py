@@ -224,6 +224,9 @@ class EvalConfig(_Strict):
     exact_match: list[ExactMatchEval] = Field(default_factory=list)
     batch_size: int = Field(default=4, ge=1)
     """Sequences per forward pass / per `generate` call."""
+    holdout_perplexity: bool = False
+    """Training runs only: also measure perplexity on the records `data.holdout` kept out of training (format text;
+    rows `perplexity/holdout:<source>`, windows of min(data.max_seq_len, 1024) tokens)."""
 
     @field_validator("perplexity", "translation", "exact_match", mode="before")
     @classmethod

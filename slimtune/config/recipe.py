@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from slimtune.adapters.base import adapter_config_union, registry
 from slimtune.config.data import DataConfig
@@ -29,7 +29,7 @@ AdapterSpec = adapter_config_union()
 class TrainConfig(BaseModel):
     """The optimisation (recipe key ``train``)."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
     lr: float = Field(2e-4, gt=0, le=1.0)
     """Peak learning rate."""
@@ -53,7 +53,7 @@ class TrainConfig(BaseModel):
     """Clip the global gradient norm to this (0: no clipping)."""
     grad_checkpointing: Literal["none", "full", "offload"] = "none"
     """Recompute each decoder layer in backward (full), and keep its input in pinned CPU memory (offload)."""
-    seed: int = 42
+    seed: int = Field(42, ge=0, lt=2**63)
     kernels: Literal["auto", "triton", "torch"] = "auto"
     """Fused-op backend: Triton on CUDA, the torch reference elsewhere (auto)."""
     fused: bool = True
@@ -88,22 +88,112 @@ class OutputConfig(BaseModel):
     """Write the merged full model (merged/: safetensors + config + tokenizer)."""
     merged_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
 
+    @field_validator("dir")
+    @classmethod
+    def _dir_placeholders(cls, v: str) -> str:
+        try:
+            v.format(name="x")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"only the {{name}} placeholder is allowed ({type(e).__name__}: {e})") from None
+        return v
+
+
+class LoramAlignConfig(BaseModel):
+    """LoRAM step 2, optional (recipe key ``loram.align``): continued pretraining of the pruned model on general
+    text. Full fine-tuning: every weight of the pruned model trains except lm_head (with tied embeddings the
+    embedding matrix is lm_head, so it stays frozen too). Usually done once per base: point several recipes at one
+    ``dir`` and a finished alignment there is reused."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    data: DataConfig
+    """General text (``format: text`` in the paper's setting)."""
+    train: TrainConfig = TrainConfig(lr=1e-5, warmup=0.03)
+    """Optimisation of the alignment (adapter-only keys such as ``fused`` and ``kernels`` are ignored)."""
+    dir: str | None = None
+    """Where the aligned pruned model is written (default: <run dir>/aligned)."""
+
+
+class LoramConfig(BaseModel):
+    """LoRAM (Zhang et al. 2025; recipe key ``loram``, DESIGN §2): prune the base, optionally align the pruned model,
+    train the recipe's adapter on the pruned model (QLoRAM with ``quant: nf4``), recover the adapter to the original
+    shapes, merge it into the original model and evaluate the original model before/after."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    ratio: float = Field(ge=0.0, lt=1.0)
+    """Fraction of KV-head groups and MLP neurons removed in each pruned layer (floor; paper: 0.65-0.95)."""
+    method: Literal["magnitude", "random"] = "magnitude"
+    """Which units are kept: weight-magnitude importance (data-free structured pruning) or a seeded random choice."""
+    keep_first: int = Field(0, ge=0)
+    """Leading decoder layers left intact (paper: 4 of 80)."""
+    keep_last: int = Field(0, ge=0)
+    """Trailing decoder layers left intact (paper: 2 of 80)."""
+    seed: int = 0
+    """Seed of ``method: random``."""
+    pruned_dir: str | None = None
+    """Where the pruned model is written (default: <run dir>/pruned); a finished pruned model there with the same
+    settings is reused."""
+    align: LoramAlignConfig | None = None
+    """Continued pretraining of the pruned model before the adapter is trained (null: none)."""
+    merge: bool = True
+    """Write the original model with the recovered adapter merged (<run dir>/merged) and evaluate it."""
+
+
+class ArithmeticConfig(BaseModel):
+    """Model arithmetic (stage ``kind: arithmetic``, LayRA's merge step): θ = θ_prev + λ·(θ_instruct − θ_base),
+    where θ_prev = θ_base + Δ (the previous stage's model: every adapter trained so far, merged)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    instruct: str = Field(min_length=1)
+    """The instruction-tuned sibling of the base (hub id, local folder, .gguf or pkg: file), e.g.
+    Qwen/Qwen2.5-7B-Instruct for Qwen/Qwen2.5-7B."""
+    base: str | None = None
+    """θ_base of the task vector (default: the recipe's ``model.name``)."""
+    lam: float = 1.0
+    """λ, the weight of the instruction task vector (0: the previous model unchanged)."""
+    tokenizer_from: Literal["instruct", "base"] = "instruct"
+    """Whose tokenizer (and chat template) the written model gets."""
+
 
 class StageConfig(BaseModel):
-    """One stage of a multi-stage job: overrides of the top-level sections."""
+    """One stage of a multi-stage job: overrides of the top-level sections.
+
+    ``kind`` says what the stage does: ``train`` (default) trains an adapter; ``merge`` merges the previous stage's
+    adapter into its base and writes ``merged/``; ``eval`` only evaluates the current model (label = the stage
+    name); ``arithmetic`` adds an instruction task vector to the current model (see ``ArithmeticConfig``) and writes
+    ``merged/``. Non-train stages take no ``adapter``, ``data`` or ``train``.
+    """
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     """Stage name (folder name under the run's stages/)."""
+    kind: Literal["train", "merge", "eval", "arithmetic"] = "train"
+    """What the stage does (see the class doc)."""
     start_from: Literal["merged", "adapter", "base"] = "merged"
     """merged: the previous stage's merged model is this stage's base; adapter: keep training its adapter; base:
-    start again from the recipe's base model."""
+    start again from the recipe's base model. (eval stages: which model to evaluate.)"""
     adapter: AdapterSpec | None = None  # type: ignore[valid-type]
     data: DataConfig | None = None
     train: TrainConfig | None = None
     eval: EvalConfig | None = None
     output: OutputConfig | None = None
+    """Stage outputs; an explicit ``output.dir`` makes it the stage's folder instead of <run dir>/stages/<name>,
+    so recipes naming the same folder share the stage (the first run trains it, the others find it done)."""
+    arithmetic: ArithmeticConfig | None = None
+    """``kind: arithmetic`` only: the instruct model and λ."""
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> StageConfig:
+        if (self.kind == "arithmetic") != (self.arithmetic is not None):
+            raise ValueError("arithmetic: required exactly when kind is arithmetic")
+        if self.kind != "train":
+            for key in ("adapter", "data", "train"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key}: not allowed in a {self.kind} stage (it trains nothing)")
+        return self
 
 
 class Recipe(BaseModel):
@@ -125,17 +215,21 @@ class Recipe(BaseModel):
     output: OutputConfig = OutputConfig()
     stages: list[StageConfig] = Field(default_factory=list)
     """Multi-stage job; empty = one stage made of the top-level sections."""
+    loram: LoramConfig | None = None
+    """LoRAM pipeline (prune → align → train on the pruned model → recover → merge → eval); null: a normal run."""
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:
         if not self.stages and self.data is None:
             raise ValueError("data: required (or give stages, each with its data)")
         for i, st in enumerate(self.stages):
-            if st.data is None and self.data is None:
+            if st.kind == "train" and st.data is None and self.data is None:
                 raise ValueError(f"stages.{i}.data: required when the recipe has no top-level data")
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ValueError("stages: stage names must be unique")
+        if self.stages and self.stages[0].kind == "merge":
+            raise ValueError("stages.0.kind: a merge stage needs a previous stage that trained an adapter")
         return self
 
     def resolved_stages(self) -> list[tuple[StageConfig, Recipe]]:
@@ -164,21 +258,42 @@ class Recipe(BaseModel):
 # --------------------------------------------------------------------------------------------- loading
 
 
+def _model_names() -> set[str]:
+    """Class names of every pydantic model (pydantic puts a union member's class name into error locations)."""
+    seen: set[str] = set()
+    todo = [BaseModel]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            if sub.__name__ not in seen:
+                seen.add(sub.__name__)
+                todo.append(sub)
+    return seen
+
+
 def _key_path(loc: tuple) -> str:
-    """Dotted key path of a pydantic error location, without union tags (e.g. adapter.lora.rank → adapter.rank)."""
+    """Dotted key path of a pydantic error location, without union tags (e.g. adapter.lora.rank → adapter.rank,
+    adapter.layers.LayerRange.first → adapter.layers.first, adapter.targets.literal['all-linear'] → adapter.targets)."""
     kinds = set(registry())
+    models = _model_names()
     parts: list[str] = []
     for i, p in enumerate(loc):
         if isinstance(p, str) and (p in kinds and i > 0 and loc[i - 1] == "adapter"):
             continue
         if isinstance(p, str) and (p.startswith("function-") or p in {"tagged-union", "union"}):
             continue
+        if isinstance(p, str) and i > 0 and (p in models or any(c in p for c in "[]'")):
+            continue  # a union member's tag (class name, list[int], literal['all-linear'], ...)
         parts.append(str(p))
     return ".".join(parts) or "(top level)"
 
 
 def _first_error(e: ValidationError) -> str:
-    err = e.errors()[0]
+    errors = e.errors()
+    first = _key_path(tuple(errors[0].get("loc", ())))
+    # A union reports one error per member: the deepest one under the same key names the actual problem
+    # (adapter.layers: [-1] → adapter.layers.0, not "should be a dictionary").
+    same = [x for x in errors if (_key_path(tuple(x.get("loc", ()))) + ".").startswith(first + ".")]
+    err = max(same, key=lambda x: len(_key_path(tuple(x.get("loc", ()))).split(".")))
     path = _key_path(tuple(err.get("loc", ())))
     msg = err.get("msg", "invalid value")
     if err.get("type") == "extra_forbidden":
@@ -189,6 +304,12 @@ def _first_error(e: ValidationError) -> str:
             path, msg = msg.split(": ", 1)
     if err.get("type") == "missing":
         msg = "required key is missing"
+    elif err.get("type") in ("union_tag_not_found", "union_tag_invalid"):  # e.g. adapter.kind missing or unknown
+        ctx = err.get("ctx") or {}
+        path = f"{path}.{str(ctx.get('discriminator', 'kind')).strip(chr(39))}"
+        kinds = ", ".join(sorted(registry()))
+        msg = ("required key is missing" if err["type"] == "union_tag_not_found"
+               else f"unknown value {ctx.get('tag')!r}") + f" (one of {ctx.get('expected_tags') or kinds})"
     extra = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
     return f"{path}: {msg}{extra}"
 
@@ -243,6 +364,8 @@ def _check_paths(recipe: Recipe, base_dir: Path, file: str) -> None:
     check_data(recipe.data, "")
     for i, st in enumerate(recipe.stages):
         check_data(st.data, f"stages.{i}.")
+    if recipe.loram is not None and recipe.loram.align is not None:
+        check_data(recipe.loram.align.data, "loram.align.")
 
 
 def resolve_path(path: str, base_dir: Path) -> Path:

@@ -179,7 +179,7 @@ def build_dataset(cfg: DataConfig, tokenizer, *, base_dir: Path, seed: int) -> T
             tot = int(sum(len(u.ids) for u in s.units))
             if tot == 0:
                 st = s.stats
-                raise DataError(f"{s.name}: no usable records ({st['records']} read, {st['skipped']} skipped, "
+                raise DataError(f"{s.cfg.path}: no usable records ({st['records']} read, {st['skipped']} skipped, "
                                 f"{st['dropped_no_target']} without target tokens, {st['holdout']} held out)")
             totals.append(tot)
         if group == "main":

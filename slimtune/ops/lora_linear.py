@@ -34,6 +34,7 @@ __all__ = [
     "lora_projection",
     "lora_linear_reference",
     "dora_weight_norm",
+    "dropout_mask",
     "base_matmul",
     "base_matmul_t",
     "base_dmag",
@@ -50,7 +51,9 @@ class LoRAProjection:
     `base` may be an `NF4Weight`, a dense (out, in) tensor, a bitsandbytes `Params4bit`, or a module with `.weight`;
     it is normalised to `NF4Weight | Tensor`. Without `lora_A`/`lora_B` the projection is the base alone.
     `base_norm_sq` is an optional cached ‖W_o‖² (fp32, (out,)) for DoRA: the base is frozen, so the caller may
-    compute it once with `base_row_norm_sq` instead of on every forward.
+    compute it once with `base_row_norm_sq` instead of on every forward. `dropout` is the LoRA dropout probability
+    on the adapter's input (pass 0 in eval mode); the mask is drawn from a seed and regenerated in backward, so it
+    costs no saved memory. As in DESIGN §2, DoRA's base term uses x and only B A sees drop(x).
     """
 
     base: Base
@@ -61,10 +64,14 @@ class LoRAProjection:
     lora_M: torch.Tensor | None = None  # (r, r)
     magnitude: torch.Tensor | None = None  # (out,)
     base_norm_sq: torch.Tensor | None = None  # (out,) fp32
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "base", as_nf4_weight(self.base))
         object.__setattr__(self, "scale", float(self.scale))
+        object.__setattr__(self, "dropout", float(self.dropout))
+        if not 0.0 <= self.dropout < 1.0:
+            raise ModelError(f"LoRAProjection: dropout must be in [0, 1), got {self.dropout}")
         out_f, in_f = self.shape
         if (self.lora_A is None) != (self.lora_B is None):
             raise ModelError("LoRAProjection: lora_A and lora_B must be given together")
@@ -128,12 +135,13 @@ def lora_linear(
     lora_M: torch.Tensor | None = None,
     magnitude: torch.Tensor | None = None,
     base_norm_sq: torch.Tensor | None = None,
+    dropout: float = 0.0,
     backend: str | None = None,
 ) -> torch.Tensor:
     """y = X Wᵀ + s·(X Aᵀ Mᵀ) Bᵀ (+ DoRA scale) + bias for x (..., in); saves only X (and the (T, r) X Aᵀ)."""
     proj = LoRAProjection(
         base=base, bias=bias, lora_A=lora_A, lora_B=lora_B, scale=scale, lora_M=lora_M, magnitude=magnitude,
-        base_norm_sq=base_norm_sq,
+        base_norm_sq=base_norm_sq, dropout=dropout,
     )
     return lora_projection(x, proj, backend=backend)
 
@@ -152,8 +160,27 @@ def dora_weight_norm(
         return torch.linalg.vector_norm(w + scale * (lora_B @ a), dim=1)
 
 
-def lora_linear_reference(x: torch.Tensor, proj: LoRAProjection, *, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The naive formula in plain autograd, everything cast to `dtype` (default x.dtype); W is dequantized."""
+def dropout_mask(
+    shape: tuple[int, ...], p: float, seed: int, *, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """The LoRA dropout mask for `seed`: 0 or 1/(1 − p), drawn by a private generator (same in forward/backward)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    mask = torch.empty(shape, device=device, dtype=dtype).bernoulli_(1.0 - p, generator=gen)
+    return mask.mul_(1.0 / (1.0 - p))
+
+
+def lora_linear_reference(
+    x: torch.Tensor,
+    proj: LoRAProjection,
+    *,
+    dtype: torch.dtype | None = None,
+    lora_input: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The naive formula in plain autograd, everything cast to `dtype` (default x.dtype); W is dequantized.
+
+    `lora_input` replaces x in the adapter branch (drop(x) when checking dropout); `proj.dropout` is ignored.
+    """
     dt = dtype or x.dtype
     cast = lambda t: None if t is None else t.to(dt)  # noqa: E731
     x = x.to(dt)
@@ -161,7 +188,7 @@ def lora_linear_reference(x: torch.Tensor, proj: LoRAProjection, *, dtype: torch
     z = x @ w.T
     if proj.has_lora:
         a, b, m = cast(proj.lora_A), cast(proj.lora_B), cast(proj.lora_M)
-        xa = x @ a.T
+        xa = (x if lora_input is None else lora_input.to(dt)) @ a.T
         if m is not None:
             xa = xa @ m.T
         z = z + proj.scale * (xa @ b.T)

@@ -41,7 +41,7 @@ def kill_now_if_requested() -> None:
 
 
 @contextlib.contextmanager
-def oom_guard(step: int, device: torch.device):
+def oom_guard(step: int, device: torch.device, recipe=None):
     """Turn an out-of-memory error during a step into a ResourceError (exit code 3) with what to lower."""
     try:
         if _fault("oom") == step:
@@ -51,6 +51,35 @@ def oom_guard(step: int, device: torch.device):
         if device.type == "cuda":
             torch.cuda.empty_cache()
         raise ResourceError(
-            f"out of memory at step {step} ({str(e).splitlines()[0]}); lower train.micro_batch or data.max_seq_len, "
-            "or set train.grad_checkpointing: full|offload — `slimtune estimate RECIPE` shows what fits"
+            f"out of memory at step {step} ({str(e).splitlines()[0]}); {_estimate_line(recipe, device)}lower "
+            "train.micro_batch (raise train.grad_accum to keep the batch) or data.max_seq_len, or set "
+            "train.grad_checkpointing: full|offload, train.optimizer: adamw8bit, quant.mode: nf4 — "
+            "`slimtune estimate RECIPE` shows what fits"
         ) from None
+
+
+def _estimate_line(recipe, device: torch.device) -> str:
+    """The estimator's figures for this recipe on this GPU ("estimated peak X GiB of Y GiB, longest fitting
+    sequence N tokens; "), or "" when the estimator cannot say (no ``estimate_for_recipe``, no recipe, a failure)."""
+    if recipe is None:
+        return ""
+    try:
+        from slimtune.bench import estimate as est_mod
+
+        fn = getattr(est_mod, "estimate_for_recipe", None)
+        if fn is None:
+            return ""
+        gib = None
+        if device.type == "cuda":
+            gib = torch.cuda.get_device_properties(device).total_memory / est_mod.GiB
+        try:
+            est = fn(recipe, gpu_mem_gib=gib)
+        except TypeError:
+            est = fn(recipe)
+        parts = [f"estimated peak {est.total_bytes / est_mod.GiB:.2f} GiB"
+                 + (f" of {gib:.1f} GiB" if gib else "")]
+        if gib:
+            parts.append(f"longest sequence that fits at this micro_batch: {est.max_seq_len_that_fits(gib)} tokens")
+        return ", ".join(parts) + "; "
+    except Exception:  # the message must never fail: fall back to naming the command
+        return ""

@@ -25,7 +25,7 @@ from slimtune.adapters.export import export_peft, load_native, save_native
 from slimtune.adapters.inject import adapters_of, inject
 from slimtune.config.recipe import Recipe
 from slimtune.data.dataset import TrainData, build_dataset, count_target_tokens
-from slimtune.errors import SlimtuneError
+from slimtune.errors import RecipeError, SlimtuneError
 from slimtune.models.load import LoadedModel, load_model
 from slimtune.ops.linear_ce import linear_cross_entropy
 from slimtune.train import faults
@@ -33,6 +33,7 @@ from slimtune.train.checkpointing import enable_checkpointing
 from slimtune.train.optim import build_optimizer, build_scheduler, drop_frozen
 from slimtune.train.report import Reporter, SilentReporter
 from slimtune.train.state import (
+    COMPLETE,
     check_resume_compatible,
     latest_checkpoint,
     rng_state,
@@ -102,6 +103,7 @@ class Trainer:
         self.run_dir = Path(self.run_dir)
         self.pos = Position()
         self._stop_requested = False
+        self._saved_step: int | None = None
         self.history: list[StepResult] = []
 
     # ------------------------------------------------------------------------------------------ setup
@@ -117,7 +119,11 @@ class Trainer:
         elif self.init_adapter is not None:
             self.adapters = load_native(self.model, self.init_adapter)
         else:
-            self.adapters = inject(self.model, r.adapter)
+            try:
+                self.adapters = inject(self.model, r.adapter)
+            except (ValueError, KeyError) as e:  # a recipe that does not fit this model (targets, layers, rank)
+                msg = str(e).strip("'\"")
+                raise RecipeError(msg if msg.startswith("adapter") else f"adapter: {msg}") from None
         for a in self.adapters.values():
             facts = a.extra_adapter_config()
             if facts:
@@ -158,15 +164,25 @@ class Trainer:
 
     def resume(self, path: Path | None = None) -> bool:
         """Restore the latest (or the given) checkpoint. Returns False when there is none to resume."""
+        if path is not None and (Path(path) / "checkpoints").is_dir():  # a run folder: its latest checkpoint
+            path = latest_checkpoint(Path(path) / "checkpoints", warn=self.reporter.warn) or path
         ckpt = Path(path) if path is not None else latest_checkpoint(self.ckpt_root, warn=self.reporter.warn)
         if ckpt is None:
             return False
         if not (ckpt / "trainer.pt").is_file():
             raise SlimtuneError(f"--resume {ckpt}: not a slimtune checkpoint (no trainer.pt)")
-        saved_recipe = json.loads((ckpt / "recipe.json").read_text())
+        if not (ckpt / COMPLETE).is_file():
+            raise SlimtuneError(f"--resume {ckpt}: a half-written checkpoint (no {COMPLETE} marker); use an older one")
+        try:
+            saved_recipe = json.loads((ckpt / "recipe.json").read_text())
+        except (OSError, ValueError) as e:
+            raise SlimtuneError(f"--resume {ckpt}: unreadable recipe.json ({e})") from None
         check_resume_compatible(saved_recipe, self.recipe.model_dump(mode="json"), where=str(ckpt))
-        load_native(self.model, ckpt / "adapter")
-        state = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=False)
+        try:
+            load_native(self.model, ckpt / "adapter")
+            state = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=False)
+        except Exception as e:  # a damaged file: one line naming it, not a traceback
+            raise SlimtuneError(f"--resume {ckpt}: cannot read the checkpoint ({type(e).__name__}: {e})") from None
         for a in self.adapters.values():
             a.on_step(state["step"], self.total_steps)
         if any(not p.requires_grad for g in self.optimizer.param_groups for p in g["params"]):
@@ -219,9 +235,12 @@ class Trainer:
         if not (math.isfinite(loss) and math.isfinite(gnorm)):
             if r.on_nonfinite == "stop":
                 self.optimizer.zero_grad(set_to_none=True)
+                last = latest_checkpoint(self.ckpt_root)
+                kept = (f"the last good checkpoint is {last} (continue with --resume)" if last is not None
+                        else "no checkpoint was saved yet (set train.save_every)")
                 raise NonFiniteLoss(
                     f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'} at step {self.pos.step + 1}; "
-                    f"stopped, the last good checkpoint is kept in {self.ckpt_root} (train.on_nonfinite: skip to skip)"
+                    f"stopped, {kept}; train.on_nonfinite: skip skips such steps, a lower train.lr avoids them"
                 )
             skipped = True
         else:
@@ -247,10 +266,11 @@ class Trainer:
             for s in old:
                 signal.signal(s, self.request_stop)
         interrupted = False
+        self._truncate_metrics(self.pos.step)  # rows past the restored position belong to a lost (killed) run
         self.reporter.start(total=self.total_steps, done=self.pos.step)
         try:
             while self.pos.step < self.total_steps:
-                with faults.oom_guard(self.pos.step + 1, self.device):
+                with faults.oom_guard(self.pos.step + 1, self.device, recipe=self.recipe):
                     res = self._step(stream)
                 self.history.append(res)
                 self._log_metrics(res)
@@ -266,7 +286,7 @@ class Trainer:
             if in_main:
                 for s, h in old.items():
                     signal.signal(s, h)
-        if interrupted:
+        if interrupted and self._saved_step != self.pos.step:
             self.save_checkpoint()
         wall = time.perf_counter() - t_start
         steps_run = self.pos.step - start_step
@@ -283,8 +303,8 @@ class Trainer:
             "peak_memory_bytes": peak_memory_bytes(self.device),
             "device": str(self.device),
             "data": self.data.stats,
-            "skipped_steps": [h.step for h in self.history if h.skipped],
-            "fused": self.fuse_report.as_dict() if self.fuse_report is not None else None,
+            "skipped_steps": self._skipped_steps(),
+            "fused": self.fuse_report.lines() if self.fuse_report is not None else None,
         }
         return summary
 
@@ -296,11 +316,28 @@ class Trainer:
                                 "grad_norm": res.grad_norm, "seconds": round(res.seconds, 4),
                                 "skipped": res.skipped}) + "\n")
 
+    def _metric_rows(self) -> list[dict]:
+        """The rows of metrics.jsonl; a line cut short by a crash is dropped."""
+        path = self.run_dir / "metrics.jsonl"
+        rows = []
+        for ln in path.read_text(errors="replace").splitlines() if path.is_file() else []:
+            try:
+                row = json.loads(ln)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append(row)
+        return rows
+
     def _truncate_metrics(self, step: int) -> None:
         path = self.run_dir / "metrics.jsonl"
         if path.is_file():
-            rows = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-            path.write_text("".join(ln + "\n" for ln in rows))
+            rows = [row for row in self._metric_rows() if row["step"] <= step]
+            path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    def _skipped_steps(self) -> list[int]:
+        """Steps skipped for a non-finite loss over the whole run (this process and the ones it resumed)."""
+        return [row["step"] for row in self._metric_rows() if row.get("skipped")]
 
     def save_checkpoint(self) -> Path:
         def writer(tmp: Path) -> None:
@@ -321,6 +358,7 @@ class Trainer:
 
         faults.maybe_kill_during_checkpoint(self.pos.step)
         path = write_checkpoint(self.ckpt_root, self.pos.step, writer, keep=self.recipe.train.keep_checkpoints)
+        self._saved_step = self.pos.step
         self.reporter.log(f"checkpoint {path}")
         return path
 

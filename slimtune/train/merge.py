@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
 
 from slimtune.adapters.export import load_native
 from slimtune.adapters.inject import merge
-from slimtune.models.load import DTYPES, ModelConfig, QuantConfig, load_model
+from slimtune.models.load import DTYPES, ModelConfig, QuantConfig, load_model, resolve_package_path
 
 
 def merge_to_folder(model_cfg: ModelConfig, adapter_dir: Path, out_dir: Path, *, dtype: str = "bfloat16") -> Path:
@@ -27,4 +28,7 @@ def merge_to_folder(model_cfg: ModelConfig, adapter_dir: Path, out_dir: Path, *,
     model.config.use_cache = True
     model.save_pretrained(out_dir, safe_serialization=True)
     loaded.tokenizer.save_pretrained(out_dir)
+    kept = Path(resolve_package_path(model_cfg.name)) / "loram.json"
+    if kept.is_file():  # a LoRAM-pruned base: the merged model keeps the pruned shapes, so it needs the map too
+        shutil.copy2(kept, out_dir / "loram.json")
     return out_dir

@@ -11,8 +11,20 @@ from pathlib import Path
 from typing import Any
 
 from slimtune.config.recipe import Recipe
+from slimtune.errors import SlimtuneError
 from slimtune.train.loop import Trainer
 from slimtune.train.report import Reporter, SilentReporter
+from slimtune.train.stages import (
+    StageState,
+    add_holdout_perplexity,
+    fingerprint,
+    run_arithmetic_stage,
+    run_eval_stage,
+    run_merge_stage,
+    stage_folder,
+    tokens_per_source,
+)
+from slimtune.train.state import latest_checkpoint
 
 SUMMARY = "stage_summary.json"
 
@@ -29,6 +41,8 @@ def _evaluate(trainer: Trainer, recipe: Recipe, base_dir: Path, label: str) -> d
     trainer.reporter.log(f"evaluating ({label})")
     result = run_eval(trainer.model, trainer.tokenizer, recipe.eval, base_dir=base_dir, label=label,
                       device=trainer.device)
+    add_holdout_perplexity(result, trainer.model, trainer.tokenizer, getattr(trainer, "data", None), recipe,
+                           trainer.device)
     trainer.model.train()
     return result
 
@@ -39,28 +53,70 @@ def run_recipe(
 ) -> dict[str, Any]:
     """Run every stage not yet done. Returns the run summary (also written to ``run_summary.json``)."""
     reporter = reporter or SilentReporter()
+    if getattr(recipe, "loram", None) is not None:  # prune → align → train on the pruned model → recover → merge
+        from slimtune.loram.pipeline import run_loram
+
+        return run_loram(recipe, base_dir=base_dir, reporter=reporter, resume=resume, stop_after=stop_after)
     run_dir = recipe.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     stages = recipe.resolved_stages()
     summaries: list[dict[str, Any]] = []
     evals: dict[str, Any] = {}
-    prev_dir: Path | None = None
+    state: StageState | None = None  # the model so far (None: nothing ran yet)
     for i, (stage, r) in enumerate(stages):
-        sdir = stage_dir(run_dir, stage.name, len(stages))
-        needs_merged = i + 1 < len(stages) and stages[i + 1][0].start_from == "merged"
+        sdir = stage_folder(recipe, stage, run_dir, len(stages))
+        nxt = stages[i + 1][0] if i + 1 < len(stages) else None
+        needs_merged = nxt is not None and nxt.start_from == "merged" and nxt.kind != "merge"
         if needs_merged and not r.output.save_merged:
             r = r.model_copy(update={"output": r.output.model_copy(update={"save_merged": True})})
-        if stage.start_from == "merged" and prev_dir is not None:
-            r = r.model_copy(update={"model": r.model.model_copy(update={"name": str(prev_dir / "merged")})})
+        init_adapter = None
+        if state is not None and stage.kind == "train" and stage.start_from == "merged":
+            if not state.merged:
+                raise SlimtuneError(f"stages.{stage.name}: start_from merged, but no earlier stage wrote a merged "
+                                    f"model (add a merge stage, or use start_from: adapter)")
+            # the merged folder holds its own tokenizer: a tokenizer override or swap was applied when it was built
+            r = r.model_copy(update={"model": r.model.model_copy(
+                update={"name": state.merged, "tokenizer": None, "tokenizer_swap": None})})
+        elif state is not None and stage.kind == "train" and stage.start_from == "adapter":
+            if not state.adapter:
+                raise SlimtuneError(f"stages.{stage.name}: start_from adapter, but the previous stage left none")
+            r = r.model_copy(update={"model": state.model_config(r.model)})
+            init_adapter = Path(state.adapter)
         done = sdir / SUMMARY
         if done.is_file():
-            reporter.log(f"stage {stage.name}: already done ({done}), skipped")
             summary = json.loads(done.read_text())
+            if summary.get("fingerprint") not in (None, fingerprint(stage, r)):
+                reporter.warn(f"stage {stage.name}: {sdir} was done with other settings; kept as is (delete the "
+                              f"folder to redo the stage)")
+            reporter.log(f"stage {stage.name}: already done ({done}), skipped")
             summaries.append(summary)
             evals.update(summary.get("eval", {}))
-            prev_dir = sdir
+            state = StageState.from_summary(summary, r, sdir)
             continue
-        init_adapter = prev_dir / "adapter_native" if stage.start_from == "adapter" and prev_dir else None
+        if stage.kind != "train":
+            sdir.mkdir(parents=True, exist_ok=True)
+            reporter.log(f"stage {stage.name} ({i + 1}/{len(stages)}, {stage.kind})")
+            cur = state or StageState()
+            if stage.kind == "merge":
+                summary, state = run_merge_stage(stage, r, cur, sdir, base_dir, reporter)
+            elif stage.kind == "eval":
+                summary, state = run_eval_stage(stage, r, recipe.model, cur, base_dir, reporter)
+            else:
+                summary, state = run_arithmetic_stage(stage, r, recipe.model, cur, sdir, base_dir, reporter)
+            summary["fingerprint"] = fingerprint(stage, r)
+            evals.update(summary["eval"])
+            if evals:
+                from slimtune.eval.runner import write_report
+
+                write_report(evals, run_dir)
+            done.write_text(json.dumps(summary, indent=2, default=str))
+            summaries.append(summary)
+            continue
+        if not resume and latest_checkpoint(sdir / "checkpoints") is not None:  # never overwrite progress silently
+            raise SlimtuneError(
+                f"{sdir / 'checkpoints'} holds checkpoints of an unfinished run: continue it with --resume, or "
+                f"delete {sdir} to start over"
+            )
         reporter.log(f"stage {stage.name} ({i + 1}/{len(stages)})")
         trainer = Trainer(r, run_dir=sdir, base_dir=base_dir, reporter=reporter, init_adapter=init_adapter,
                           stage=stage.name)
@@ -84,6 +140,11 @@ def run_recipe(
             stage_evals[after["label"]] = after
         summary["outputs"] = trainer.save_outputs()
         summary["eval"] = stage_evals
+        summary["tokens_per_source"] = tokens_per_source(summary.get("data"))
+        summary["fingerprint"] = fingerprint(stage, r)
+        state = StageState(model=r.model.model_dump(mode="json"), adapter=summary["outputs"]["adapter_native"],
+                           merged=summary["outputs"].get("merged"))
+        summary["state"] = state.to_json()
         evals.update(stage_evals)
         if evals:
             from slimtune.eval.runner import write_report
@@ -92,7 +153,6 @@ def run_recipe(
         done.write_text(json.dumps(summary, indent=2, default=str))
         summaries.append(summary)
         trainer.cleanup()
-        prev_dir = sdir
     result = {"stages": summaries, "interrupted": False, "run_dir": str(run_dir)}
     (run_dir / "run_summary.json").write_text(json.dumps(result, indent=2, default=str))
     return result

@@ -69,8 +69,9 @@ def write_checkpoint(ckpt_root: Path, step: int, writer, *, keep: int) -> Path:
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step:08d}"
     tmp = ckpt_root / f".tmp-step-{step:08d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    for stale in ckpt_root.iterdir():  # leftovers of a crash (one writer per run folder): garbage, not progress
+        if stale.is_dir() and (stale.name.startswith(".tmp-") or not (stale / COMPLETE).is_file()):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
     writer(tmp)
     (tmp / COMPLETE).write_text(json.dumps({"step": step}))
@@ -80,6 +81,8 @@ def write_checkpoint(ckpt_root: Path, step: int, writer, *, keep: int) -> Path:
     os.rename(tmp, final)
     _fsync_dir(ckpt_root)
     for old in list_checkpoints(ckpt_root)[:-keep]:
+        (old / COMPLETE).unlink()  # first, so a crash mid-delete leaves an ignored folder, never a broken checkpoint
+        _fsync_dir(old)
         shutil.rmtree(old, ignore_errors=True)
     return final
 

@@ -238,6 +238,7 @@ def _hf_peft_model(cfg, *, dtype, rank, dropout):
     return model
 
 
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # peft calls the old name
 @pytest.mark.parametrize(
     "model_type,dtype,dropout",
     [("llama", torch.float32, 0.0), ("llama", torch.bfloat16, 0.0), ("qwen2", torch.float32, 0.1)],

@@ -62,3 +62,25 @@ def test_per_token_per_layer_cancels_model_terms():
         return saved_bytes(fn)
 
     assert per_token_per_layer(measure, layers=3, tokens=tokens) == 4 * width
+
+
+def test_saved_bytes_bench_meets_target():
+    """bench/saved_bytes.py on a small config: the fused path saves <= 0.4x of HF + PEFT per token per layer."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "saved_bytes.py"
+    spec = importlib.util.spec_from_file_location("saved_bytes_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    H, inter, heads, kv, r = 128, 344, 4, 2, 16
+    out = bench.main(["--hidden", str(H), "--intermediate", str(inter), "--heads", str(heads), "--kv-heads", str(kv),
+                      "--layers", "1", "--seq", "32", "--vocab", "200", "--rank", str(r)])
+    assert out["ratio"] <= 0.4
+    assert not [line for line in out["slimtune"]["fuse_report"] if line.startswith("not fused")]
+    # What the fused layer may keep, per token (bf16): the two norm outputs (shared with the q/k/v and MLP inputs),
+    # e and g of the MLP, SDPA's q, k, v and output (the output is also o_proj's input), one (r,) X Aᵀ per adapter,
+    # SDPA's fp32 logsumexp per head and the norms' fp32 rstd.
+    hq, hkv = H, H // heads * kv
+    bound = 2 * (2 * H + 2 * inter + 2 * hq + 2 * hkv + 7 * r) + 4 * heads + 2 * 4
+    assert out["slimtune"]["bytes_per_token_per_layer"] <= bound

@@ -9,6 +9,23 @@ from slimtune.kernels.rope import rope_triton
 from slimtune.ops.rope import rope, rope_ref
 
 
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Uninitialised allocations come back NaN-filled: an output element a kernel fails to write stays NaN."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def _empty(*a, **k):
+        t = empty(*a, **k)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    def _empty_like(*a, **k):
+        t = empty_like(*a, **k)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", _empty)
+    monkeypatch.setattr(torch, "empty_like", _empty_like)
+
+
 def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
@@ -28,7 +45,7 @@ def _hf(q, k, cos, sin):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 2e-3)])
 @pytest.mark.parametrize("flat,inplace", [(False, False), (True, True), (False, True)])
-def test_rope_forward_backward(backend, dtype, tol, flat, inplace):
+def test_rope_forward_backward(backend, dtype, tol, flat, inplace, poisoned):
     B, T, HQ, HK, D = 2, 37, 6, 2, 20  # odd T, non-power-of-two heads and half dim (10)
     cos, sin = _cos_sin(B, T, HQ, HK, D, dtype)
     qkv = torch.randn(B, T, (HQ + 2 * HK) * D, dtype=dtype, requires_grad=True)

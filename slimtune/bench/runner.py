@@ -1,0 +1,869 @@
+"""`slimtune bench`: slimtune against HF + PEFT + bitsandbytes, same process, same model, same data (DESIGN §4).
+
+    result = run_bench(BenchConfig(model_config="tiny", device="cpu", steps=3), log=print)
+    paths = slimtune.bench.report.write_report(result, "bench/results/cpu-2025-01-01")
+
+Both tools train the same base: a causal LM built from a config (no download) with seeded random weights, quantized
+to NF4 (double quant) on the device, adapters of the same kind, rank, alpha and targets, the same optimizer, on the
+same random tokens (fixed seed; labels = inputs). slimtune: its adapters, ``fuse_model`` (fused kernels; Triton on
+CUDA, the torch reference on CPU), the chunked linear cross-entropy (``causal_lm_loss``) and checkpointing mode
+``--checkpointing`` (none | full | offload). Baseline: see :mod:`slimtune.bench.baseline` (PEFT LoRA on bnb
+``Linear4bit``, HF gradient checkpointing with ``use_reentrant=False``, SDPA, ``model(ids, labels).loss``).
+
+Figures, per tool:
+
+* peak memory per phase (load = building the model + optimizer; then forward, backward, optimizer step of every
+  step, the max over steps): on CUDA ``max_memory_allocated`` / ``max_memory_reserved`` after
+  ``reset_peak_memory_stats`` at each phase start; on CPU the process's peak RSS (VmHWM) after resetting it at
+  each phase start (``/proc/self/clear_refs``; a sampling thread where that is not allowed), reported as bytes
+  above the RSS just before the tool's model was built (both tools run in one process, one after the other);
+* tokens/s: the median over the steps after ``warmup`` (forward + backward + optimizer step, synchronised);
+* bytes saved for backward (``saved_tensors_hooks``, :mod:`slimtune.bench.memory`), the device-independent
+  activation measure: per token per decoder layer without checkpointing (one decoder layer run on its real
+  input, the rotary cos/sin it shares with the other layers excluded), and the activation term of the tool's own
+  checkpointing mode (see :func:`measure_activation_term`), compared with the estimator's (the gap in %);
+* with ``max_context`` on CUDA: the longest sequence (at ``batch``) that trains one step under
+  ``torch.cuda.set_per_process_memory_fraction(cap / total)``: doubling from ``seq_len`` until an OOM, then
+  bisection; on CPU the estimator's value only;
+* a sweep over ``seq_lens``: peak allocated memory of one step (CUDA) or the saved activation term (CPU), measured
+  and estimated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import gc
+import importlib.metadata
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from slimtune.bench.baseline import BASELINE_KINDS, baseline_loss, build_baseline, hf_decoder
+from slimtune.bench.configs import PROJECTIONS, parameter_counts, resolve_model_config
+from slimtune.bench.estimate import CHECKPOINTING, GiB, OPTIMIZERS, Estimate, estimate, normalize_targets
+from slimtune.bench.memory import saved_bytes
+from slimtune.errors import SlimtuneError
+
+TOOLS = ("slimtune", "baseline")
+PHASES = ("load", "forward", "backward", "optimizer")
+Log = Callable[[str], Any]
+
+
+@dataclass
+class BenchConfig:
+    """What `slimtune bench` runs (the CLI options, one to one)."""
+
+    model_config: str = "tiny"
+    """Built-in config name (Llama-3.1-8B, Qwen2.5-0.5B, SmolLM2-135M, ...), a folder / config.json / GGUF, or
+    "tiny" (slimtune.models.tiny: hidden 64, 2 layers)."""
+    layers: int | None = None
+    """Override the number of decoder layers (a CPU-sized slice of a published config)."""
+    device: str = "auto"
+    steps: int = 5
+    warmup: int = 1
+    seq_len: int = 256
+    batch: int = 1
+    rank: int = 16
+    alpha: float | None = None
+    """Default 2 x rank."""
+    adapter: str = "lora"
+    targets: str = "all-linear"
+    checkpointing: str = "full"
+    """slimtune's mode (the baseline always uses HF gradient checkpointing)."""
+    optimizer: str = "adamw"
+    dtype: str = "auto"
+    """Compute dtype: bfloat16 on CUDA, float32 on CPU (auto)."""
+    max_context: bool = False
+    mem_cap_gib: float = 24.0
+    max_context_limit: int = 262_144
+    seq_lens: list[int] | None = None
+    """Sweep lengths; default seq_len/2, seq_len, 2 seq_len."""
+    seed: int = 0
+    lr: float = 1e-4
+    tools: tuple[str, ...] = TOOLS
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+
+def resolve_bench_config(name: str, layers: int | None = None):
+    """The transformers config a bench builds (no download): "tiny", a built-in name, a folder, JSON or GGUF."""
+    from slimtune.models.load import resolve_package_path
+
+    if name in ("tiny", "tiny-llama"):
+        from slimtune.models.tiny import tiny_llama_config
+
+        config = tiny_llama_config()
+    elif name == "tiny-qwen2":
+        from slimtune.models.tiny import tiny_qwen2_config
+
+        config = tiny_qwen2_config()
+    else:
+        config = resolve_model_config(resolve_package_path(name))
+    if layers is not None:
+        if layers < 1:
+            raise SlimtuneError(f"--layers {layers}: expected a positive integer")
+        config.num_hidden_layers = int(layers)
+        if getattr(config, "layer_types", None) is not None:
+            config.layer_types = list(config.layer_types)[:layers] + [config.layer_types[-1]] * max(
+                0, layers - len(config.layer_types))
+    config.use_cache = False
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def _check(cfg: BenchConfig) -> None:
+    if cfg.steps < 1 or cfg.warmup < 0 or cfg.warmup >= cfg.steps:
+        raise SlimtuneError(f"--steps {cfg.steps} --warmup {cfg.warmup}: need steps >= 1 and 0 <= warmup < steps")
+    for name in ("seq_len", "batch", "rank"):
+        if getattr(cfg, name) < 1:
+            raise SlimtuneError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected a positive integer")
+    if cfg.adapter not in BASELINE_KINDS:
+        raise SlimtuneError(f"--adapter {cfg.adapter}: the bench compares with PEFT, expected one of "
+                            f"{', '.join(BASELINE_KINDS)}")
+    if cfg.checkpointing not in CHECKPOINTING:
+        raise SlimtuneError(f"--checkpointing {cfg.checkpointing}: expected one of {', '.join(CHECKPOINTING)}")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise SlimtuneError(f"--optimizer {cfg.optimizer}: expected one of {', '.join(OPTIMIZERS)}")
+    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise SlimtuneError(f"--dtype {cfg.dtype}: expected auto, float32, bfloat16 or float16")
+    if cfg.mem_cap_gib <= 0:
+        raise SlimtuneError(f"--mem-cap-gib {cfg.mem_cap_gib}: expected a positive number")
+    bad = [t for t in cfg.tools if t not in TOOLS]
+    if bad or not cfg.tools:
+        raise SlimtuneError(f"tools {bad or '()'}: expected some of {', '.join(TOOLS)}")
+    if cfg.seq_lens is not None and any(s < 1 for s in cfg.seq_lens):
+        raise SlimtuneError(f"--seq-lens {cfg.seq_lens}: expected positive integers")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise SlimtuneError(f"--device {name}: expected cpu, cuda or auto")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SlimtuneError("--device cuda: no CUDA device is available (use --device cpu)")
+    return dev
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def random_tokens(vocab: int, batch: int, seq_len: int, *, seed: int, device: torch.device) -> torch.Tensor:
+    """(batch, seq_len) int64 token ids, uniform over the vocabulary, from a fixed seed (CPU generator)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq_len), generator=g).to(device)
+
+
+# --------------------------------------------------------------------------------------------- the base model
+
+
+def random_base(config, *, device: torch.device, dtype: torch.dtype, quant: str = "nf4", double_quant: bool = True,
+                seed: int = 0) -> nn.Module:
+    """A causal LM from ``config`` with seeded random weights, its decoder linears quantized on ``device``.
+
+    Built on the meta device, materialised on the CPU (normal(0, initializer_range) for matrices, ones for norms,
+    zeros for biases: the same values for the same seed), then each decoder linear is quantized straight onto the
+    device (``quantize_linears``) and the rest moved there, so the device never holds a dense copy of the weights.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from slimtune.models.load import quantize_linears
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model.to_empty(device="cpu")
+    std = float(getattr(config, "initializer_range", 0.02) or 0.02)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and "norm" in name:
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(std))
+    # non-persistent buffers (rotary inv_freq) are lost by to_empty: rebuild the modules that own them
+    for name, module in list(model.named_modules()):
+        if name.endswith("rotary_emb"):
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, type(module)(config=model.config))
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    if quant != "none":
+        quantize_linears(model, mode=quant, compute_dtype=dtype, double_quant=double_quant, device=device)
+    model.to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.config.use_cache = False
+    model.train()
+    return model
+
+
+def build_slimtune(config, cfg: BenchConfig, *, device: torch.device, dtype: torch.dtype, targets: tuple[str, ...],
+                   log: Log | None = None) -> tuple[nn.Module, list[str]]:
+    """The slimtune side: NF4 base, slimtune adapters, fused kernels, chunked CE, ``cfg.checkpointing``."""
+    from slimtune.adapters.base import get_adapter_class
+    from slimtune.adapters.inject import inject
+    from slimtune.models.fused import fuse_model
+    from slimtune.train.checkpointing import enable_checkpointing
+
+    model = random_base(config, device=device, dtype=dtype, seed=cfg.seed)
+    cls = get_adapter_class(cfg.adapter)
+    inject(model, cls.Config(kind=cfg.adapter, rank=cfg.rank, alpha=_alpha(cfg), targets=list(targets)))
+    report = fuse_model(model)
+    enable_checkpointing(model, cfg.checkpointing)
+    model.train()
+    return model, report.lines()
+
+
+def _alpha(cfg: BenchConfig) -> float:
+    return float(cfg.alpha) if cfg.alpha is not None else 2.0 * cfg.rank
+
+
+def _loss_fn(tool: str) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+    if tool == "slimtune":
+        from slimtune.models.fused import causal_lm_loss
+
+        return lambda model, ids: causal_lm_loss(model, input_ids=ids, labels=ids)
+    return baseline_loss
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    return hf_decoder(model)
+
+
+# --------------------------------------------------------------------------------------------- memory per phase
+
+
+def _proc_status(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            m = re.search(rf"^{field_name}:\s+(\d+)\s+kB", f.read(), re.M)
+    except OSError:
+        return None
+    return int(m.group(1)) * 1024 if m else None
+
+
+def current_rss() -> int:
+    """Resident set size of this process (bytes); 0 when /proc is not there."""
+    rss = _proc_status("VmRSS")
+    if rss is None:
+        try:
+            import psutil
+
+            return int(psutil.Process().memory_info().rss)
+        except Exception:  # pragma: no cover
+            return 0
+    return rss
+
+
+def _reset_rss_peak() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) to the current RSS. False when not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PhaseMeter:
+    """Peak memory per named phase, the max over every time the phase ran.
+
+    CUDA: ``reset_peak_memory_stats`` at the phase start, ``max_memory_allocated`` / ``max_memory_reserved`` at
+    its end. CPU: the peak RSS (VmHWM, reset at the phase start through ``/proc/self/clear_refs``; where that is
+    refused, a thread samples VmRSS every millisecond).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peaks: dict[str, dict[str, int]] = {}
+        self.seconds: dict[str, float] = {}
+        self.method = "cuda" if device.type == "cuda" else ("vmhwm" if _reset_rss_peak() else "sampled")
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self._sync()
+        sampler = None
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.method == "vmhwm":
+            _reset_rss_peak()
+        else:
+            sampler = _RssSampler()
+            sampler.start()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+            if self.device.type == "cuda":
+                now = {"allocated_bytes": int(torch.cuda.max_memory_allocated(self.device)),
+                       "reserved_bytes": int(torch.cuda.max_memory_reserved(self.device))}
+            elif sampler is not None:
+                now = {"rss_peak_bytes": sampler.stop()}
+            else:
+                now = {"rss_peak_bytes": _proc_status("VmHWM") or current_rss()}
+            old = self.peaks.get(name, {})
+            self.peaks[name] = {k: max(v, old.get(k, 0)) for k, v in now.items()}
+
+
+class _RssSampler(threading.Thread):
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak = current_rss()
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(0.001):
+            self.peak = max(self.peak, current_rss())
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join()
+        return max(self.peak, current_rss())
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------- saved bytes
+
+
+class _Stop(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def recording_offload() -> Iterator[dict[str, int]]:
+    """Count what ``torch.autograd.graph.save_on_cpu`` (offloaded checkpointing) keeps in host memory.
+
+    ``slimtune.train.checkpointing`` looks ``save_on_cpu`` up at every call, so a recording subclass is swapped in
+    for the duration: every tensor it packs is counted once per host storage (on CUDA each pack is a fresh pinned
+    copy of the tensor; on CPU the tensor itself, deduplicated by storage).
+    """
+    record = {"bytes": 0, "tensors": 0}
+    seen: set[int] = set()
+    original = torch.autograd.graph.save_on_cpu
+
+    class Recording(original):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            pack = self.pack_hook
+
+            def recording_pack(t: torch.Tensor):
+                out = pack(t)
+                host = out[1]
+                st = host.untyped_storage()
+                if st.data_ptr() not in seen:
+                    seen.add(st.data_ptr())
+                    record["bytes"] += st.nbytes()
+                    record["tensors"] += 1
+                return out
+
+            self.pack_hook = recording_pack
+
+    torch.autograd.graph.save_on_cpu = Recording
+    try:
+        yield record
+    finally:
+        torch.autograd.graph.save_on_cpu = original
+
+
+def layer_saved_bytes(model: nn.Module, ids: torch.Tensor, *, index: int = -1) -> int:
+    """Bytes one decoder layer saves for backward on its real input, without checkpointing.
+
+    The layer's inputs are captured from a no-grad forward (a pre-hook), the hidden state is given
+    ``requires_grad`` (as for every layer after the first in training), and the layer runs once under
+    :func:`saved_bytes`. The tensors it receives from the model (rotary cos/sin, masks) are shared by all layers
+    and excluded, as are parameters. This is also what a checkpointed layer holds while it is recomputed.
+    """
+    decoder = _decoder(model)
+    layer = decoder.layers[index]
+    captured: dict[str, Any] = {}
+
+    def grab(_module, args, kwargs):
+        captured["args"], captured["kwargs"] = args, kwargs
+        raise _Stop
+
+    handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            decoder(input_ids=ids, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    args, kwargs = list(captured["args"]), dict(captured["kwargs"])
+    if args:
+        hidden = args.pop(0)
+    else:
+        hidden = kwargs.pop("hidden_states")
+    x = hidden.detach().clone().requires_grad_(True)
+    shared = nn.Module()
+    tensors = [t for v in list(args) + list(kwargs.values()) for t in (v if isinstance(v, (tuple, list)) else (v,))
+               if torch.is_tensor(t)]
+    for i, t in enumerate(tensors):
+        shared.register_buffer(f"t{i}", t, persistent=False)
+    was = getattr(layer, "gradient_checkpointing", False)
+    if was:
+        layer.gradient_checkpointing = False
+    try:
+        res = saved_bytes(lambda: layer(x, *args, **kwargs), modules=[model, shared])
+    finally:
+        if was:
+            layer.gradient_checkpointing = True
+    return res.activation_bytes
+
+
+def measure_activation_term(model: nn.Module, ids: torch.Tensor, mode: str) -> dict[str, int]:
+    """What autograd keeps for backward through the decoder (layers + final norm), in checkpointing ``mode``.
+
+    * ``device_saved``: :func:`saved_bytes` around the decoder's forward. Without checkpointing that is every
+      layer's saved tensors; with ``full`` checkpointing it is what ``checkpoint`` keeps (each layer's input) plus
+      the final norm; with ``offload`` the layer inputs go to ``save_on_cpu`` instead (its hooks are innermost, so
+      they never reach the outer counting hook) and only the final norm stays;
+    * ``host_saved``: the layer inputs ``save_on_cpu`` keeps (``offload`` only), see :func:`recording_offload`;
+    * ``recompute_layer``: for ``full`` / ``offload``, what one layer saves while it is recomputed in backward
+      (:func:`layer_saved_bytes` on the last layer): the checkpointed layer's activations exist once at a time.
+
+    ``total`` is their sum: the quantity the estimator's activation term models (layer inputs + activations,
+    with the offloaded inputs counted in host memory).
+    """
+    decoder = _decoder(model)
+    with recording_offload() as host:
+        r = saved_bytes(lambda: decoder(input_ids=ids, use_cache=False).last_hidden_state, modules=[model])
+    out = {"device_saved": r.activation_bytes, "host_saved": int(host["bytes"]), "recompute_layer": 0}
+    if mode != "none":
+        out["recompute_layer"] = layer_saved_bytes(model, ids)
+    out["total"] = out["device_saved"] + out["host_saved"] + out["recompute_layer"]
+    return out
+
+
+def estimated_activation_term(est: Estimate) -> dict[str, int]:
+    """The estimator's side of :func:`measure_activation_term` (bytes).
+
+    ``layer_inputs`` (checkpointed inputs kept on the device) + ``activations`` (every layer, or the one being
+    recomputed, with rope and the final norm) + ``offloaded`` (inputs in pinned host memory). With ``offload``
+    the estimator also reserves two layer inputs in flight on the GPU (copy-back buffers); they are transient
+    copies, not saved tensors, so they are reported apart (``in_flight``) and not compared here.
+    """
+    mode = est.inputs["grad_checkpointing"]
+    if mode == "offload":
+        out = {"layer_inputs": 0, "activations": est.activation_bytes, "offloaded": est.cpu_offload_bytes,
+               "in_flight": est.layer_input_bytes}
+    else:
+        out = {"layer_inputs": est.layer_input_bytes, "activations": est.activation_bytes, "offloaded": 0,
+               "in_flight": 0}
+    out["total"] = out["layer_inputs"] + out["activations"] + out["offloaded"]
+    return out
+
+
+def gap_pct(estimated: float, measured: float) -> float | None:
+    """(estimated − measured) / measured in %, rounded to 0.1 (None without a measurement)."""
+    if not measured:
+        return None
+    return round(100.0 * (estimated - measured) / measured, 1)
+
+
+# --------------------------------------------------------------------------------------------- training steps
+
+
+def _train_step(model, opt, loss_fn, ids, meter: PhaseMeter | None) -> float:
+    phase = meter.phase if meter is not None else (lambda _n: contextlib.nullcontext())
+    with phase("forward"):
+        loss = loss_fn(model, ids)
+    with phase("backward"):
+        loss.backward()
+    with phase("optimizer"):
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def _try_step(model, opt, loss_fn, ids_fn, seq: int, device: torch.device) -> bool:
+    """One training step at ``seq`` tokens per sequence; False on an out-of-memory error (memory freed)."""
+    oom = False
+    try:
+        _train_step(model, opt, loss_fn, ids_fn(seq), None)
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
+        if not _is_oom(err):
+            raise
+        oom = True
+    if oom:
+        opt.zero_grad(set_to_none=True)
+    _free(device)
+    return not oom
+
+
+def search_max_context(try_seq: Callable[[int], bool], *, start: int, limit: int, log: Log | None = None
+                       ) -> tuple[int, list[tuple[int, bool]]]:
+    """Longest ``seq`` with ``try_seq(seq)`` true: doubling from ``start`` until a failure (or ``limit``), then
+    bisection down to a step of max(64, best/32). Returns (best, [(seq, ok), ...]); best 0 when even 1 fails."""
+    trials: list[tuple[int, bool]] = []
+
+    def attempt(seq: int) -> bool:
+        ok = try_seq(seq)
+        trials.append((seq, ok))
+        if log:
+            log(f"  max-context: {seq:,} tokens {'ok' if ok else 'OOM'}")
+        return ok
+
+    seq = max(1, min(start, limit))
+    good, bad = 0, None
+    while True:
+        if attempt(seq):
+            good = seq
+            if seq >= limit:
+                return good, trials
+            seq = min(2 * seq, limit)
+        else:
+            bad = seq
+            break
+    while bad - good > max(64, good // 32):
+        mid = (good + bad) // 2
+        if mid > 64:
+            mid -= mid % 64
+        if mid <= good:
+            break
+        if attempt(mid):
+            good = mid
+        else:
+            bad = mid
+    return good, trials
+
+
+# --------------------------------------------------------------------------------------------- one tool
+
+
+def _estimate_for(tool: str, config, cfg: BenchConfig, dtype: torch.dtype, targets, seq_len: int) -> Estimate:
+    dt = str(dtype).removeprefix("torch.")
+    return estimate(
+        config, quant="nf4", double_quant=True, compute_dtype=dt, adapter_dtype="float32", kind=cfg.adapter,
+        rank=cfg.rank, targets=targets, optimizer=cfg.optimizer, seq_len=seq_len, micro_batch=cfg.batch,
+        grad_checkpointing=cfg.checkpointing if tool == "slimtune" else "full", fused=tool == "slimtune",
+        gpu_mem_gib=cfg.mem_cap_gib,
+    )
+
+
+def run_tool(tool: str, config, cfg: BenchConfig, *, device: torch.device, dtype: torch.dtype,
+             targets: tuple[str, ...], log: Log) -> dict[str, Any]:
+    """Build one tool's model, train ``cfg.steps`` steps, measure. Returns its figures (see the module doc)."""
+    from slimtune.train.optim import build_optimizer
+    from slimtune.config.recipe import TrainConfig
+
+    _free(device)
+    rss_start = current_rss()
+    meter = PhaseMeter(device)
+    out: dict[str, Any] = {"tool": tool}
+    log(f"{tool}: building the model")
+    with meter.phase("load"):
+        if tool == "slimtune":
+            model, fuse_lines = build_slimtune(config, cfg, device=device, dtype=dtype, targets=targets)
+            out["fuse_report"] = fuse_lines
+            out["checkpointing"] = cfg.checkpointing
+            out["description"] = (f"slimtune {cfg.adapter} adapters, fused kernels, chunked linear CE, "
+                                  f"checkpointing {cfg.checkpointing}")
+        else:
+            base = random_base(config, device=device, dtype=dtype, seed=cfg.seed)
+            model = build_baseline(base, kind=cfg.adapter, rank=cfg.rank, alpha=_alpha(cfg), targets=targets)
+            out["checkpointing"] = "full"
+            out["description"] = ("HF transformers + PEFT LoRA on bitsandbytes Linear4bit, SDPA, HF gradient "
+                                  "checkpointing (use_reentrant=False), model(ids, labels).loss")
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = build_optimizer(params, TrainConfig(optimizer=cfg.optimizer, lr=cfg.lr))
+    out["trainable_params"] = sum(p.numel() for p in params)
+    loss_fn = _loss_fn(tool)
+    ids = random_tokens(config.vocab_size, cfg.batch, cfg.seq_len, seed=cfg.seed + 1, device=device)
+    tokens = cfg.batch * cfg.seq_len
+
+    step_seconds: list[float] = []
+    losses: list[float] = []
+    out["oom"] = False
+    try:
+        for i in range(cfg.steps):
+            t0 = time.perf_counter()
+            losses.append(_train_step(model, opt, loss_fn, ids, meter))
+            step_seconds.append(time.perf_counter() - t0)
+            log(f"{tool}: step {i + 1}/{cfg.steps} loss {losses[-1]:.4f} {tokens / step_seconds[-1]:,.0f} tok/s")
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
+        if not _is_oom(err):
+            raise
+        out["oom"] = True
+        log(f"{tool}: out of memory at {cfg.seq_len} x {cfg.batch} tokens")
+    opt.zero_grad(set_to_none=True)
+    _free(device)
+    timed = step_seconds[cfg.warmup:]
+    out["step_seconds"] = [round(s, 5) for s in step_seconds]
+    out["losses"] = [round(v, 5) for v in losses]
+    out["tokens_per_step"] = tokens
+    out["tokens_per_second"] = round(tokens / statistics.median(timed), 2) if timed else None
+    out["memory_method"] = meter.method
+    out["phases"] = {}
+    for ph in PHASES:
+        peaks = dict(meter.peaks.get(ph, {}))
+        if "rss_peak_bytes" in peaks:
+            peaks["rss_above_start_bytes"] = max(0, peaks["rss_peak_bytes"] - rss_start)
+        out["phases"][ph] = peaks
+    out["rss_start_bytes"] = rss_start
+    out["phase_seconds"] = {k: round(v, 4) for k, v in meter.seconds.items()}
+
+    # ---- bytes saved for backward (both devices) -------------------------------------------------------------
+    est = _estimate_for(tool, config, cfg, dtype, targets, cfg.seq_len)
+    log(f"{tool}: measuring bytes saved for backward")
+    per_layer = layer_saved_bytes(model, ids)
+    out["saved_bytes_per_token_per_layer"] = round(per_layer / tokens, 2)
+    est_layer = sum(est.activation_per_token_per_layer.values())
+    measured = measure_activation_term(model, ids, out["checkpointing"])
+    predicted = estimated_activation_term(est)
+    out["activation"] = {
+        "mode": out["checkpointing"], "tokens": tokens, "measured": measured, "estimated": predicted,
+        "gap_pct": gap_pct(predicted["total"], measured["total"]),
+        "per_token_per_layer": {"measured": out["saved_bytes_per_token_per_layer"], "estimated": est_layer,
+                                "gap_pct": gap_pct(est_layer, per_layer / tokens)},
+    }
+    out["estimate"] = {"total_bytes": est.total_bytes, "total_gib": round(est.total_bytes / GiB, 4),
+                       "cuda_context_bytes": est.cuda_context_bytes, "components_bytes": est.components(),
+                       "max_seq_len": est.max_seq_len_that_fits(), "gpu_mem_gib": cfg.mem_cap_gib}
+    if device.type == "cuda" and not out["oom"]:
+        peak = max(p.get("allocated_bytes", 0) for p in out["phases"].values())
+        no_ctx = est.total_bytes - est.cuda_context_bytes
+        out["estimate"]["peak_allocated_bytes"] = peak
+        out["estimate"]["peak_gap_pct"] = gap_pct(no_ctx, peak)
+    _free(device)
+
+    # ---- sweep over sequence lengths -------------------------------------------------------------------------
+    sweep = []
+    for seq in _sweep_lens(cfg):
+        ids_s = random_tokens(config.vocab_size, cfg.batch, seq, seed=cfg.seed + 1, device=device)
+        e = _estimate_for(tool, config, cfg, dtype, targets, seq)
+        row: dict[str, Any] = {"seq_len": seq}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            ok = _try_step(model, opt, loss_fn, lambda s: ids_s, seq, device)
+            row["measured_bytes"] = int(torch.cuda.max_memory_allocated(device)) if ok else None
+            row["estimated_bytes"] = e.total_bytes - e.cuda_context_bytes
+            row["metric"] = "peak allocated (one training step)"
+        else:
+            row["measured_bytes"] = measure_activation_term(model, ids_s, out["checkpointing"])["total"]
+            row["estimated_bytes"] = estimated_activation_term(e)["total"]
+            row["metric"] = "bytes saved for backward (activation term)"
+        row["gap_pct"] = gap_pct(row["estimated_bytes"], row["measured_bytes"] or 0)
+        sweep.append(row)
+        log(f"{tool}: seq {seq}: {row['metric']} {_mib(row['measured_bytes'])} (estimate {_mib(row['estimated_bytes'])})")
+        _free(device)
+    out["seq_sweep"] = sweep
+
+    # ---- longest sequence under the memory cap ---------------------------------------------------------------
+    mc: dict[str, Any] = {"cap_gib": cfg.mem_cap_gib, "estimated": est.max_seq_len_that_fits(), "measured": None}
+    if cfg.max_context and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        frac = min(1.0, cfg.mem_cap_gib * GiB / total)
+        mc["memory_fraction"] = round(frac, 4)
+        log(f"{tool}: longest sequence under {cfg.mem_cap_gib:g} GiB (memory fraction {frac:.3f})")
+        torch.cuda.set_per_process_memory_fraction(frac, device)
+        try:
+            def ids_fn(s: int) -> torch.Tensor:
+                return random_tokens(config.vocab_size, cfg.batch, s, seed=cfg.seed + 2, device=device)
+
+            best, trials = search_max_context(
+                lambda s: _try_step(model, opt, loss_fn, ids_fn, s, device),
+                start=cfg.seq_len, limit=cfg.max_context_limit, log=log)
+        finally:
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
+        mc["measured"], mc["trials"] = best, trials
+        mc["limit"] = cfg.max_context_limit
+    elif cfg.max_context:
+        mc["note"] = "measured on CUDA only (set_per_process_memory_fraction); the estimate is shown"
+    out["max_context"] = mc
+    del model, opt, params
+    _free(device)
+    return out
+
+
+def _sweep_lens(cfg: BenchConfig) -> list[int]:
+    if cfg.seq_lens:
+        return sorted(set(int(s) for s in cfg.seq_lens))
+    return sorted({max(1, cfg.seq_len // 2), cfg.seq_len, 2 * cfg.seq_len})
+
+
+def _mib(n: int | None) -> str:
+    return "OOM" if n is None else f"{n / 2**20:.2f} MiB"
+
+
+# --------------------------------------------------------------------------------------------- environment
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def git_sha() -> str | None:
+    """``git rev-parse HEAD`` of the checkout this package runs from (None outside a git checkout)."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return res.stdout.strip() or None if res.returncode == 0 else None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
+        if m:
+            return f"CPU: {m.group(1).strip()} ({os.cpu_count()} logical cores, {torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return f"CPU: {platform.processor() or platform.machine()}"
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    env: dict[str, Any] = {
+        "device": str(device),
+        "device_name": device_name(device),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "git_sha": git_sha(),
+    }
+    for pkg in ("torch", "triton", "bitsandbytes", "transformers", "peft"):
+        env[pkg] = _version(pkg)
+    if device.type == "cuda":
+        env["cuda"] = torch.version.cuda
+        env["gpu_total_bytes"] = torch.cuda.get_device_properties(device).total_memory
+    return env
+
+
+# --------------------------------------------------------------------------------------------- the bench
+
+
+def run_bench(cfg: BenchConfig, *, log: Log | None = None, argv: list[str] | None = None) -> dict[str, Any]:
+    """Run every tool in ``cfg.tools`` (one after the other, in this process) and collect the report dict."""
+    log = log or (lambda _m: None)
+    _check(cfg)
+    device = _device(cfg.device)
+    dtype = _dtype(cfg.dtype, device)
+    config = resolve_bench_config(cfg.model_config, cfg.layers)
+    targets = normalize_targets(cfg.targets)
+    counts = parameter_counts(config)
+    started = _dt.datetime.now(_dt.timezone.utc)
+    result: dict[str, Any] = {
+        "created": started.isoformat(timespec="seconds"),
+        "command": {"argv": list(argv) if argv is not None else sys.argv[1:], "args": _plain(asdict(cfg))},
+        "environment": environment(device),
+        "model": {
+            "config": cfg.model_config, "model_type": config.model_type,
+            "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+            "num_hidden_layers": config.num_hidden_layers, "num_attention_heads": config.num_attention_heads,
+            "num_key_value_heads": config.num_key_value_heads, "vocab_size": config.vocab_size,
+            "parameters": counts["total"],
+        },
+        "settings": {
+            "device": str(device), "dtype": str(dtype).removeprefix("torch."), "quant": "nf4 + double quant",
+            "adapter": cfg.adapter, "rank": cfg.rank, "alpha": _alpha(cfg), "targets": list(targets),
+            "seq_len": cfg.seq_len, "batch": cfg.batch, "tokens_per_step": cfg.seq_len * cfg.batch,
+            "steps": cfg.steps, "warmup": cfg.warmup, "optimizer": cfg.optimizer, "lr": cfg.lr,
+            "slimtune_checkpointing": cfg.checkpointing, "baseline_checkpointing": "full (HF, use_reentrant=False)",
+            "seed": cfg.seed, "mem_cap_gib": cfg.mem_cap_gib,
+        },
+        "tools": {},
+    }
+    log(f"bench on {result['environment']['device_name']}: {cfg.model_config} ({config.num_hidden_layers} layers, "
+        f"{counts['total']:,} parameters), seq {cfg.seq_len} x batch {cfg.batch}, {cfg.adapter} r{cfg.rank}")
+    for tool in cfg.tools:
+        with _quiet_warnings():
+            result["tools"][tool] = run_tool(tool, config, cfg, device=device, dtype=dtype, targets=targets, log=log)
+    result["ratios"] = ratios(result["tools"])
+    result["wall_seconds"] = round((_dt.datetime.now(_dt.timezone.utc) - started).total_seconds(), 1)
+    return result
+
+
+@contextlib.contextmanager
+def _quiet_warnings() -> Iterator[None]:
+    import warnings
+
+    with warnings.catch_warnings():
+        # bitsandbytes / transformers notices that repeat every step and say nothing about the figures
+        warnings.filterwarnings("ignore", message=".*inference or training with bf16.*")
+        warnings.filterwarnings("ignore", message=".*Paged optimizers are not supported on CPU.*")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        yield
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def memory_key(tool: dict[str, Any]) -> str:
+    """The per-phase figure a report shows: allocated bytes on CUDA, RSS above the start on CPU."""
+    phases = tool.get("phases", {})
+    any_phase = next((p for p in phases.values() if p), {})
+    return "allocated_bytes" if "allocated_bytes" in any_phase else "rss_above_start_bytes"
+
+
+def ratios(tools: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """slimtune ÷ baseline for every figure both tools have (memory: lower is better; tokens/s, context: higher)."""
+    if not all(t in tools for t in TOOLS):
+        return {}
+    s, b = tools["slimtune"], tools["baseline"]
+
+    def div(x, y):
+        return round(x / y, 4) if x is not None and y else None
+
+    key = memory_key(s)
+    out: dict[str, float | None] = {}
+    for ph in PHASES:
+        out[f"{ph}_{key}"] = div(s["phases"].get(ph, {}).get(key), b["phases"].get(ph, {}).get(key))
+        if key == "allocated_bytes":
+            out[f"{ph}_reserved_bytes"] = div(s["phases"].get(ph, {}).get("reserved_bytes"),
+                                              b["phases"].get(ph, {}).get("reserved_bytes"))
+    out["tokens_per_second"] = div(s.get("tokens_per_second"), b.get("tokens_per_second"))
+    out["saved_bytes_per_token_per_layer"] = div(s.get("saved_bytes_per_token_per_layer"),
+                                                 b.get("saved_bytes_per_token_per_layer"))
+    out["activation_measured"] = div(s["activation"]["measured"]["total"], b["activation"]["measured"]["total"])
+    out["max_context_measured"] = div(s["max_context"].get("measured"), b["max_context"].get("measured"))
+    out["max_context_estimated"] = div(s["max_context"].get("estimated"), b["max_context"].get("estimated"))
+    return out

@@ -1,0 +1,229 @@
+"""LoRA SwiGLU MLP (kernels/lora_mlp.py): the Function vs float64 autograd of the formula (every gradient), the
+SwiGLU kernels vs torch, what is saved for backward, and the reuse of dead buffers for gradients."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+
+import pytest
+import torch
+
+from slimtune.ops.lora_linear import LoRAProjection
+from slimtune.ops.lora_mlp import lora_mlp, lora_mlp_reference
+from slimtune.ops.nf4 import quantize_4bit
+
+kmlp = importlib.import_module("slimtune.kernels.lora_mlp")
+ref = importlib.import_module("slimtune.ops.lora_mlp")  # the module (slimtune.ops re-exports the function lora_mlp)
+rl = importlib.import_module("slimtune.ops.lora_linear")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+T, HID, INTER, R = 37, 200, 136, 7  # gate/up (136, 200), down (200, 136): 27200 values = 425 NF4 blocks
+TOL = {torch.float32: 2e-5 if INTERPRET else 5e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+NAMES = ("lora_A", "lora_B", "lora_M", "magnitude", "bias")
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def base(kind, out_f, in_f, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(out_f, in_f, generator=g) * 0.05).to(DEVICE)
+    return w.to(dtype) if kind == "dense" else quantize_4bit(w, double_quant=(kind == "nf4dq"))
+
+
+def proj(kind, out_f, in_f, seed, *, lora=True, M=False, dora=False, bias=False, frozen=(), wdtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+
+    def p(*shape, std=0.1, shift=0.0, name=""):
+        t = (torch.randn(*shape, generator=g) * std + shift).to(DEVICE)
+        if name == "magnitude":
+            t = t.abs()
+        return t.requires_grad_(name not in frozen)
+
+    return LoRAProjection(
+        base=base(kind, out_f, in_f, seed, wdtype),
+        bias=p(out_f, name="bias") if bias else None,
+        lora_A=p(R, in_f, name="lora_A") if lora else None,
+        lora_B=p(out_f, R, name="lora_B") if lora else None,
+        scale=1.3,
+        lora_M=p(R, R, std=0.3, shift=0.5, name="lora_M") if M else None,
+        magnitude=p(out_f, std=0.2, shift=1.0, name="magnitude") if dora else None,
+    )
+
+
+def grads_of(y, x, projs, dy):
+    named = [("x", x)] + [
+        (f"{i}.{n}", getattr(p, n)) for i, p in enumerate(projs) for n in NAMES
+        if getattr(p, n) is not None and getattr(p, n).requires_grad
+    ]  # fmt: skip
+    gs = torch.autograd.grad(y, [t for _, t in named], dy.to(y.dtype))
+    return {k: g for (k, _), g in zip(named, gs, strict=True)}
+
+
+def check(projs, dtype, backend, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, HID, generator=g).to(DEVICE, dtype).requires_grad_()
+    dy = torch.randn(T, HID, generator=g).to(DEVICE)
+    gate, up, down = projs
+    y = lora_mlp(x, gate=gate, up=up, down=down, backend=backend)
+    y64 = lora_mlp_reference(x, gate=gate, up=up, down=down, dtype=torch.float64)
+    got, want = grads_of(y, x, projs, dy), grads_of(y64, x, projs, dy)
+    errs = {"y": rel(y, y64)} | {k: rel(got[k], want[k]) for k in want}
+    assert y.dtype == dtype and all(e < TOL[dtype] for e in errs.values()), errs
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nf4_lora_variants_fp32(backend):
+    projs = (
+        proj("nf4dq", INTER, HID, 1),  # gate: plain LoRA
+        proj("nf4dq", INTER, HID, 2, dora=True, M=True),  # up: DoRA + middle matrix
+        proj("nf4", HID, INTER, 3, M=True, bias=True),  # down: B M A, bias
+    )
+    check(projs, torch.float32, backend, seed=4)
+
+
+def test_dense_bases_partly_adapted_fp32():
+    projs = (
+        proj("dense", INTER, HID, 5, dora=True),
+        proj("dense", INTER, HID, 6, lora=False),  # up without adapter
+        proj("dense", HID, INTER, 7, frozen=("lora_A",)),  # down with frozen A (LaMDA)
+    )
+    check(projs, torch.float32, "triton", seed=8)
+
+
+def test_nf4_fp16():
+    projs = (
+        proj("nf4dq", INTER, HID, 9),
+        proj("nf4dq", INTER, HID, 10, M=True),
+        proj("nf4dq", HID, INTER, 11, dora=True),
+    )
+    check(projs, torch.float16, "triton", seed=12)
+
+
+@pytest.mark.gpu
+def test_nf4_bf16_gpu():
+    projs = (proj("nf4dq", INTER, HID, 13), proj("nf4dq", INTER, HID, 14, dora=True), proj("nf4dq", HID, INTER, 15))
+    check(projs, torch.bfloat16, "triton", seed=16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_swiglu_kernels_match_torch(dtype):
+    g = torch.Generator().manual_seed(17)
+    e, gg, dh = (torch.randn(T, INTER, generator=g).mul(3).to(DEVICE, dtype) for _ in range(3))
+    out = torch.full_like(e, float("nan"))
+    assert rel(kmlp.swiglu(e, gg, out=out), ref.swiglu(e, gg)) < 1e-3 and torch.isfinite(out).all()
+    e1, g1, e2, g2 = e.clone(), gg.clone(), e.clone(), gg.clone()
+    kmlp.swiglu_backward_(dh, e1, g1)
+    ref.swiglu_backward_(dh, e2, g2)
+    tol = 1e-6 if dtype == torch.float32 else 1e-3
+    assert rel(e1, e2) < tol and rel(g1, g2) < tol
+    # against autograd of silu(e) * g in float64
+    e64, g64 = e.double().requires_grad_(), gg.double().requires_grad_()
+    de, dg = torch.autograd.grad(torch.nn.functional.silu(e64) * g64, (e64, g64), dh.double())
+    assert rel(e1, de) < tol * 10 and rel(g1, dg) < tol * 10
+
+
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _record_saved(fn):
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        return fn(), saved
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_saves_x_e_g_and_reuses_them_for_gradients(backend):
+    projs = (proj("nf4dq", INTER, HID, 18), proj("nf4dq", INTER, HID, 19), proj("nf4dq", HID, INTER, 20))
+    x0 = torch.randn(T, HID, device=DEVICE, requires_grad=True)
+    x = x0 * 1.0  # a non-leaf activation, like an RMSNorm output
+    y, saved = _record_saved(
+        lambda: lora_mlp(x, gate=projs[0], up=projs[1], down=projs[2], backend=backend, inplace_input_grad=True)
+    )
+    params = {t.data_ptr() for p in projs for t in p.factors() if t is not None}
+    activ = [t for t in saved if t.data_ptr() not in params]
+    elt = x.element_size()
+    # X + e + g (T, I each) + three (T, r) X Aᵀ: nothing else
+    assert sum(t.nbytes for t in activ) == (T * HID + 2 * T * INTER + 3 * T * R) * elt
+    e, g = (t for t in activ if t.shape == (T, INTER))
+    e_val, g_val = e.clone(), g.clone()
+
+    dy = torch.randn(T, HID, device=DEVICE)
+    y.backward(dy)
+    # e and g now hold de and dg (their buffers were reused), and X holds dX
+    e64, g64 = e_val.double().requires_grad_(), g_val.double().requires_grad_()
+    h64 = torch.nn.functional.silu(e64) * g64
+    down = projs[2]
+    dh = (dy.double() @ down.base.dequantize(torch.float64)) + down.scale * (
+        (dy.double() @ down.lora_B.double()) @ down.lora_A.double()
+    )
+    de, dg = torch.autograd.grad(h64, (e64, g64), dh)
+    assert rel(e, de) < 1e-5 and rel(g, dg) < 1e-5
+    assert rel(x, x0.grad) == 0.0  # dX was written into X's storage
+    x64 = x0.detach().double().requires_grad_()
+    want = torch.autograd.grad(lora_mlp_reference(x64, gate=projs[0], up=projs[1], down=projs[2]), x64, dy.double())[0]
+    assert rel(x0.grad, want) < 1e-5
+
+
+def test_inplace_input_grad_never_touches_a_leaf():
+    projs = (proj("dense", INTER, HID, 25), proj("dense", INTER, HID, 26), proj("dense", HID, INTER, 27))
+    x = torch.randn(3, 13, HID, device=DEVICE, requires_grad=True)  # a leaf; lora_mlp reshapes it to a view
+    x_val = x.detach().clone()
+    y = lora_mlp(x, gate=projs[0], up=projs[1], down=projs[2], backend="torch", inplace_input_grad=True)
+    y.sum().backward()
+    assert torch.equal(x.detach(), x_val) and x.grad.data_ptr() != x.data_ptr()
+
+
+def test_lora_dropout_independent_masks():
+    pd = 0.25
+    projs = tuple(
+        dataclasses.replace(p, dropout=pd)
+        for p in (proj("nf4dq", INTER, HID, 28), proj("dense", INTER, HID, 29, dora=True), proj("nf4", HID, INTER, 30))
+    )
+    g = torch.Generator().manual_seed(31)
+    x = torch.randn(T, HID, generator=g).to(DEVICE).requires_grad_()
+    dy = torch.randn(T, HID, generator=g).to(DEVICE)
+    torch.manual_seed(32)
+    y = lora_mlp(x, gate=projs[0], up=projs[1], down=projs[2], backend="triton")
+    got = grads_of(y, x, projs, dy)
+    torch.manual_seed(32)  # seeds are drawn in the order gate, up, down
+    seeds = [kmlp.dropout_seed(p) for p in projs]
+    m_g, m_u = (rl.dropout_mask((T, HID), pd, s, device=x.device, dtype=x.dtype) for s in seeds[:2])
+    m_d = rl.dropout_mask((T, INTER), pd, seeds[2], device=x.device, dtype=x.dtype)
+    assert not torch.equal(m_g, m_u)
+    f64 = torch.float64
+    e = rl.lora_linear_reference(x, projs[0], dtype=f64, lora_input=x * m_g)
+    gg = rl.lora_linear_reference(x, projs[1], dtype=f64, lora_input=x * m_u)
+    h = torch.nn.functional.silu(e) * gg
+    y64 = rl.lora_linear_reference(h, projs[2], dtype=f64, lora_input=h * m_d)
+    want = grads_of(y64, x, projs, dy)
+    errs = {"y": rel(y, y64)} | {k: rel(got[k], want[k]) for k in want}
+    assert all(v < TOL[torch.float32] for v in errs.values()), errs
+
+
+def test_only_middle_matrices_train_x_not_saved():
+    # IntTune / late LaMDA: A and B frozen everywhere -> X is not needed (only e, g and the (T, r) products).
+    fz = ("lora_A", "lora_B")
+    projs = (
+        proj("nf4dq", INTER, HID, 21, M=True, frozen=fz),
+        proj("nf4dq", INTER, HID, 22, M=True, frozen=fz),
+        proj("nf4dq", HID, INTER, 23, M=True, frozen=fz),
+    )
+    x = torch.randn(T, HID, device=DEVICE, requires_grad=True)
+    y, saved = _record_saved(lambda: lora_mlp(x, gate=projs[0], up=projs[1], down=projs[2], backend="torch"))
+    params = {t.data_ptr() for p in projs for t in p.factors() if t is not None}
+    assert sum(t.nbytes for t in saved if t.data_ptr() not in params) == (2 * T * INTER + 3 * T * R) * 4
+    y.sum().backward()
+    assert all(p.lora_M.grad is not None and p.lora_A.grad is None for p in projs)
+    check(projs, torch.float32, "torch", seed=24)
