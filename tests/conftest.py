@@ -18,6 +18,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
+# One intra-op thread per test process: `make test` runs 2 xdist workers on CI's 2 cores, and 2 threads per worker
+# oversubscribe them (a colleague measured ~5x slower adapter tests at 2 threads x 2 workers).
+if not _HAS_CUDA:
+    torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     if _HAS_CUDA:

@@ -184,7 +184,7 @@ def plot_phases(result: dict[str, Any], path: Path) -> Path:
         vals = [(result["tools"][tool]["phases"].get(ph, {}).get(key) or 0) / MiB for ph in PHASES]
         xs = [j + (i - (len(tools) - 1) / 2) * width for j in range(len(PHASES))]
         bars = ax.bar(xs, vals, width, label=LABELS[tool])
-        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+        ax.bar_label(bars, fmt="%.0f" if max(vals, default=0) >= 100 else "%.2f", fontsize=7)
     ax.set_xticks(range(len(PHASES)), PHASES)
     ax.set_ylabel(_mem_label(result))
     ax.set_title(f"{result['model']['config']}: peak memory by phase ({result['environment']['device']})", fontsize=10)

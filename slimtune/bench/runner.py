@@ -40,11 +40,10 @@ import platform
 import re
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +51,7 @@ import torch
 import torch.nn as nn
 
 from slimtune.bench.baseline import BASELINE_KINDS, baseline_loss, build_baseline, hf_decoder
-from slimtune.bench.configs import PROJECTIONS, parameter_counts, resolve_model_config
+from slimtune.bench.configs import parameter_counts, resolve_model_config
 from slimtune.bench.estimate import CHECKPOINTING, GiB, OPTIMIZERS, Estimate, estimate, normalize_targets
 from slimtune.bench.memory import saved_bytes
 from slimtune.errors import SlimtuneError
@@ -443,7 +442,8 @@ def layer_saved_bytes(model: nn.Module, ids: torch.Tensor, *, index: int = -1) -
     return res.activation_bytes
 
 
-def measure_activation_term(model: nn.Module, ids: torch.Tensor, mode: str) -> dict[str, int]:
+def measure_activation_term(model: nn.Module, ids: torch.Tensor, mode: str, *,
+                            layer_bytes: int | None = None) -> dict[str, int]:
     """What autograd keeps for backward through the decoder (layers + final norm), in checkpointing ``mode``.
 
     * ``device_saved``: :func:`saved_bytes` around the decoder's forward. Without checkpointing that is every
@@ -455,14 +455,15 @@ def measure_activation_term(model: nn.Module, ids: torch.Tensor, mode: str) -> d
       (:func:`layer_saved_bytes` on the last layer): the checkpointed layer's activations exist once at a time.
 
     ``total`` is their sum: the quantity the estimator's activation term models (layer inputs + activations,
-    with the offloaded inputs counted in host memory).
+    with the offloaded inputs counted in host memory). ``layer_bytes``: a :func:`layer_saved_bytes` already
+    measured on the same ``ids`` (not measured again).
     """
     decoder = _decoder(model)
     with recording_offload() as host:
         r = saved_bytes(lambda: decoder(input_ids=ids, use_cache=False).last_hidden_state, modules=[model])
     out = {"device_saved": r.activation_bytes, "host_saved": int(host["bytes"]), "recompute_layer": 0}
     if mode != "none":
-        out["recompute_layer"] = layer_saved_bytes(model, ids)
+        out["recompute_layer"] = layer_saved_bytes(model, ids) if layer_bytes is None else int(layer_bytes)
     out["total"] = out["device_saved"] + out["host_saved"] + out["recompute_layer"]
     return out
 
@@ -580,8 +581,8 @@ def _estimate_for(tool: str, config, cfg: BenchConfig, dtype: torch.dtype, targe
 def run_tool(tool: str, config, cfg: BenchConfig, *, device: torch.device, dtype: torch.dtype,
              targets: tuple[str, ...], log: Log) -> dict[str, Any]:
     """Build one tool's model, train ``cfg.steps`` steps, measure. Returns its figures (see the module doc)."""
-    from slimtune.train.optim import build_optimizer
     from slimtune.config.recipe import TrainConfig
+    from slimtune.train.optim import build_optimizer
 
     _free(device)
     rss_start = current_rss()
@@ -645,7 +646,7 @@ def run_tool(tool: str, config, cfg: BenchConfig, *, device: torch.device, dtype
     per_layer = layer_saved_bytes(model, ids)
     out["saved_bytes_per_token_per_layer"] = round(per_layer / tokens, 2)
     est_layer = sum(est.activation_per_token_per_layer.values())
-    measured = measure_activation_term(model, ids, out["checkpointing"])
+    measured = measure_activation_term(model, ids, out["checkpointing"], layer_bytes=per_layer)
     predicted = estimated_activation_term(est)
     out["activation"] = {
         "mode": out["checkpointing"], "tokens": tokens, "measured": measured, "estimated": predicted,
@@ -676,7 +677,8 @@ def run_tool(tool: str, config, cfg: BenchConfig, *, device: torch.device, dtype
             row["estimated_bytes"] = e.total_bytes - e.cuda_context_bytes
             row["metric"] = "peak allocated (one training step)"
         else:
-            row["measured_bytes"] = measure_activation_term(model, ids_s, out["checkpointing"])["total"]
+            row["measured_bytes"] = (measured["total"] if seq == cfg.seq_len else
+                                     measure_activation_term(model, ids_s, out["checkpointing"])["total"])
             row["estimated_bytes"] = estimated_activation_term(e)["total"]
             row["metric"] = "bytes saved for backward (activation term)"
         row["gap_pct"] = gap_pct(row["estimated_bytes"], row["measured_bytes"] or 0)
@@ -762,6 +764,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "git_sha": git_sha(),
+        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
     for pkg in ("torch", "triton", "bitsandbytes", "transformers", "peft"):
         env[pkg] = _version(pkg)
@@ -772,6 +775,27 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------- the bench
+
+
+def command_line(cfg: BenchConfig) -> list[str]:
+    """The `slimtune bench` options that reproduce ``cfg`` (every option spelled out)."""
+    argv = ["--model-config", cfg.model_config]
+    if cfg.layers is not None:
+        argv += ["--layers", str(cfg.layers)]
+    argv += ["--device", cfg.device, "--steps", str(cfg.steps), "--warmup", str(cfg.warmup),
+             "--seq-len", str(cfg.seq_len), "--batch", str(cfg.batch), "--rank", str(cfg.rank)]
+    if cfg.alpha is not None:
+        argv += ["--alpha", f"{cfg.alpha:g}"]
+    argv += ["--adapter", cfg.adapter, "--targets", cfg.targets, "--checkpointing", cfg.checkpointing,
+             "--optimizer", cfg.optimizer, "--dtype", cfg.dtype, "--mem-cap-gib", f"{cfg.mem_cap_gib:g}"]
+    if cfg.max_context:
+        argv += ["--max-context", "--max-context-limit", str(cfg.max_context_limit)]
+    if cfg.seq_lens:
+        argv += ["--seq-lens", ",".join(str(s) for s in cfg.seq_lens)]
+    if tuple(cfg.tools) != TOOLS:
+        argv += ["--tools", ",".join(cfg.tools)]
+    argv += ["--seed", str(cfg.seed)]
+    return argv
 
 
 def run_bench(cfg: BenchConfig, *, log: Log | None = None, argv: list[str] | None = None) -> dict[str, Any]:
@@ -786,7 +810,7 @@ def run_bench(cfg: BenchConfig, *, log: Log | None = None, argv: list[str] | Non
     started = _dt.datetime.now(_dt.timezone.utc)
     result: dict[str, Any] = {
         "created": started.isoformat(timespec="seconds"),
-        "command": {"argv": list(argv) if argv is not None else sys.argv[1:], "args": _plain(asdict(cfg))},
+        "command": {"argv": list(argv) if argv is not None else command_line(cfg), "args": _plain(asdict(cfg))},
         "environment": environment(device),
         "model": {
             "config": cfg.model_config, "model_type": config.model_type,
@@ -807,12 +831,42 @@ def run_bench(cfg: BenchConfig, *, log: Log | None = None, argv: list[str] | Non
     }
     log(f"bench on {result['environment']['device_name']}: {cfg.model_config} ({config.num_hidden_layers} layers, "
         f"{counts['total']:,} parameters), seq {cfg.seq_len} x batch {cfg.batch}, {cfg.adapter} r{cfg.rank}")
-    for tool in cfg.tools:
-        with _quiet_warnings():
+    with _quiet_warnings():
+        warm_up(cfg, device=device, dtype=dtype, targets=targets)
+        for tool in cfg.tools:
             result["tools"][tool] = run_tool(tool, config, cfg, device=device, dtype=dtype, targets=targets, log=log)
     result["ratios"] = ratios(result["tools"])
     result["wall_seconds"] = round((_dt.datetime.now(_dt.timezone.utc) - started).total_seconds(), 1)
     return result
+
+
+def warm_up(cfg: BenchConfig, *, device: torch.device, dtype: torch.dtype, targets: tuple[str, ...]) -> None:
+    """One training step of each tool on a 1-layer tiny model, untimed and unmeasured.
+
+    Both tools run in one process, so whatever is loaded or initialised once (Python modules of PEFT,
+    bitsandbytes and the kernels, torch's CPU thread pools and oneDNN buffers) would otherwise land in the first
+    tool's memory and time figures.
+    """
+    from slimtune.config.recipe import TrainConfig
+    from slimtune.models.tiny import tiny_llama_config
+    from slimtune.train.optim import build_optimizer
+
+    tiny = tiny_llama_config(num_hidden_layers=1)
+    tiny.use_cache = False
+    tiny._attn_implementation = "sdpa"
+    small = BenchConfig(**{**asdict(cfg), "seq_len": 16, "batch": 1})
+    for tool in cfg.tools:
+        if tool == "slimtune":
+            model, _ = build_slimtune(tiny, small, device=device, dtype=dtype, targets=targets)
+        else:
+            base = random_base(tiny, device=device, dtype=dtype, seed=cfg.seed)
+            model = build_baseline(base, kind=cfg.adapter, rank=cfg.rank, alpha=_alpha(cfg), targets=targets)
+        opt = build_optimizer([p for p in model.parameters() if p.requires_grad],
+                              TrainConfig(optimizer=cfg.optimizer, lr=cfg.lr))
+        ids = random_tokens(tiny.vocab_size, 1, 16, seed=cfg.seed, device=device)
+        _train_step(model, opt, _loss_fn(tool), ids, None)
+        del model, opt
+        _free(device)
 
 
 @contextlib.contextmanager

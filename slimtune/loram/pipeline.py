@@ -67,8 +67,9 @@ def _log(reporter, msg: str) -> None:
 
 
 def _free() -> None:
-    gc.collect()
+    """Give a dropped model's memory back to the GPU (CPU memory returns on its own: no slow full gc there)."""
     if torch.cuda.is_available():
+        gc.collect()
         torch.cuda.empty_cache()
 
 
@@ -85,6 +86,16 @@ def _swap_in(tmp: Path, final: Path) -> None:
         shutil.rmtree(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp.rename(final)
+
+
+def _plain(model):
+    """A model loaded from GGUF carries transformers' GGUF quantizer although its weights are dequantized float
+    tensors, and `save_pretrained` refuses it; drop the marker so the float model saves like any other."""
+    if getattr(model, "hf_quantizer", None) is not None and "gguf" in type(model.hf_quantizer).__name__.lower():
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model
 
 
 def original_checkpoint(model_cfg) -> Path | None:
@@ -147,7 +158,7 @@ def prune_to_folder(model_cfg, lc, out_dir: str | Path, *, reporter=None) -> dic
     else:
         _log(reporter, f"LoRAM prune: loading {model_cfg.name} unquantized to prune at ratio {lc.ratio} ({lc.method})")
         loaded = load_model(model_cfg, QuantConfig(mode="none", compute_dtype="float32"), device="cpu")
-        model, kept = prune_model(loaded.model, **kw)
+        model, kept = prune_model(_plain(loaded.model), **kw)
         save_pruned(model, kept, tmp)
         del model, loaded
         _free()
@@ -362,7 +373,7 @@ def merge_recovered(model_cfg, peft_dirs: list[Path], out_dir: str | Path, *, dt
     else:
         _log(reporter, f"LoRAM merge: loading {model_cfg.name} unquantized")
         loaded = load_model(model_cfg, QuantConfig(mode="none", compute_dtype="float32"), device="cpu")
-        model = loaded.model
+        model = _plain(loaded.model)
         params = dict(model.named_parameters())
         weights = {k: p.data for k, p in params.items()}
         for d in peft_dirs:

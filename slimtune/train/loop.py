@@ -14,6 +14,7 @@ import os
 import resource
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,7 +143,10 @@ class Trainer:
             set_backend(r.train.kernels)
             self.fuse_report = fuse_model(self.model, log=self.reporter.log)
         if r.train.grad_checkpointing != "none":
-            enable_checkpointing(self.model, r.train.grad_checkpointing)
+            try:
+                enable_checkpointing(self.model, r.train.grad_checkpointing)
+            except ValueError as e:
+                raise RecipeError(f"train.grad_checkpointing: {r.train.grad_checkpointing}: {e}") from None
         self.data: TrainData = build_dataset(r.data, self.tokenizer, base_dir=self.base_dir, seed=r.train.seed)
         if len(self.data) == 0:
             raise SlimtuneError("data: no training examples after tokenization (check the sources and format)")
@@ -240,12 +244,14 @@ class Trainer:
                         else "no checkpoint was saved yet (set train.save_every)")
                 raise NonFiniteLoss(
                     f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'} at step {self.pos.step + 1}; "
-                    f"stopped, {kept}; train.on_nonfinite: skip skips such steps, a lower train.lr avoids them"
+                    f"stopped, {kept}; set train.on_nonfinite: skip to skip such steps (or lower train.lr in a new run)"
                 )
             skipped = True
         else:
             self.optimizer.step()
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a skipped first step makes torch warn that the scheduler ran first
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.pos.step += 1
         for a in self.adapters.values():
