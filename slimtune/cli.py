@@ -618,15 +618,19 @@ def _print_bench(result: dict) -> None:
         table.add_row(
             name, *[f"{(t['phases'].get(ph, {}).get(key) or 0) / 2**20:,.1f}" for ph in PHASES],
             "OOM" if t.get("oom") else f"{t.get('tokens_per_second') or 0:,.1f}",
-            f"{t['saved_bytes_per_token_per_layer']:,.0f}",
-            f"{a['estimated']['total'] / 2**20:,.2f}", f"{a['measured']['total'] / 2**20:,.2f}",
+            "-" if t["saved_bytes_per_token_per_layer"] is None else f"{t['saved_bytes_per_token_per_layer']:,.0f}",
+            f"{a['estimated']['total'] / 2**20:,.2f}",
+            "-" if a["measured"]["total"] is None else f"{a['measured']['total'] / 2**20:,.2f}",
             "-" if gap is None else f"{gap:+.1f}%",
         )
     console.print(table)
     r = result.get("ratios") or {}
-    if r.get("tokens_per_second") is not None:
-        console.print(f"slimtune / baseline: tokens/s {r['tokens_per_second']:.2f}x, saved bytes per token per layer "
-                      f"{r['saved_bytes_per_token_per_layer']:.2f}x", highlight=False)
+    if r:
+        parts = [f"{label} {r[k]:.2f}x" for k, label in (
+            ("tokens_per_second", "tokens/s"), ("saved_bytes_per_token_per_layer", "saved bytes per token per layer"),
+            ("max_context_measured", "max context")) if r.get(k) is not None]
+        if parts:
+            console.print("slimtune / baseline: " + ", ".join(parts), highlight=False)
 
 
 def _resume_value(argv: list[str]) -> list[str]:

@@ -95,7 +95,8 @@ def diagnose() -> Report:
         else:
             rep.checks.append(Check("CUDA device", "none", ok=False))
             rep.checks.append(Check("GPU memory free", "none", ok=False))
-            rep.missing.append("CUDA device: none — training runs on the CPU (slow), the fused kernels use the torch reference")
+            rep.missing.append("CUDA device: none — training runs on the CPU (slow), the fused kernels use the "
+                               "torch reference")
     except Exception as e:  # noqa: BLE001
         rep.checks.append(Check("CUDA device", f"unknown ({type(e).__name__}: {e})", ok=False))
 

@@ -817,7 +817,7 @@ def estimate_recipe_stages(recipe: Any, gpu_mem_gib: float | None = 24.0) -> lis
             optimizer=t.optimizer, seq_len=r.data.max_seq_len, micro_batch=t.micro_batch,
             grad_checkpointing=t.grad_checkpointing, fused=t.fused, gpu_mem_gib=gpu_mem_gib, **extra,
         )
-        est.model = recipe.model.name
+        est.model = recipe.model.name + ("" if loram is None else f" pruned at ratio {loram['ratio']:g} (LoRAM)")
         est.notes.extend(notes)
         out.append((stage.name, est))
     return out

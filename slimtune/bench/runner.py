@@ -578,140 +578,192 @@ def _estimate_for(tool: str, config, cfg: BenchConfig, dtype: torch.dtype, targe
     )
 
 
-def run_tool(tool: str, config, cfg: BenchConfig, *, device: torch.device, dtype: torch.dtype,
-             targets: tuple[str, ...], log: Log) -> dict[str, Any]:
-    """Build one tool's model, train ``cfg.steps`` steps, measure. Returns its figures (see the module doc)."""
+@dataclass
+class _Side:
+    """One tool's model in a bench: what its measurements need."""
+
+    tool: str
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    mode: str  # its checkpointing mode
+    config: Any
+    cfg: BenchConfig
+    device: torch.device
+    dtype: torch.dtype
+    targets: tuple[str, ...]
+
+    def ids(self, seq_len: int, seed_offset: int = 1) -> torch.Tensor:
+        return random_tokens(self.config.vocab_size, self.cfg.batch, seq_len, seed=self.cfg.seed + seed_offset,
+                             device=self.device)
+
+    def estimate(self, seq_len: int) -> Estimate:
+        return _estimate_for(self.tool, self.config, self.cfg, self.dtype, self.targets, seq_len)
+
+    def try_step(self, ids: torch.Tensor) -> bool:
+        return _try_step(self.model, self.opt, self.loss_fn, lambda _s: ids, ids.shape[1], self.device)
+
+
+def _build_side(tool: str, config, cfg: BenchConfig, *, device: torch.device, dtype: torch.dtype,
+                targets: tuple[str, ...], out: dict[str, Any]) -> _Side:
     from slimtune.config.recipe import TrainConfig
     from slimtune.train.optim import build_optimizer
 
+    if tool == "slimtune":
+        model, out["fuse_report"] = build_slimtune(config, cfg, device=device, dtype=dtype, targets=targets)
+        mode = cfg.checkpointing
+        out["description"] = (f"slimtune {cfg.adapter} adapters, fused kernels, chunked linear CE, "
+                              f"checkpointing {mode}")
+    else:
+        base = random_base(config, device=device, dtype=dtype, seed=cfg.seed)
+        model = build_baseline(base, kind=cfg.adapter, rank=cfg.rank, alpha=_alpha(cfg), targets=targets)
+        mode = "full"
+        out["description"] = ("HF transformers + PEFT LoRA on bitsandbytes Linear4bit, SDPA, HF gradient "
+                              "checkpointing (use_reentrant=False), model(ids, labels).loss")
+    out["checkpointing"] = mode
+    params = [p for p in model.parameters() if p.requires_grad]
+    out["trainable_params"] = sum(p.numel() for p in params)
+    opt = build_optimizer(params, TrainConfig(optimizer=cfg.optimizer, lr=cfg.lr))
+    return _Side(tool, model, opt, _loss_fn(tool), mode, config, cfg, device, dtype, targets)
+
+
+def run_tool(tool: str, config, cfg: BenchConfig, *, device: torch.device, dtype: torch.dtype,
+             targets: tuple[str, ...], log: Log) -> dict[str, Any]:
+    """Build one tool's model, train ``cfg.steps`` steps, measure. Returns its figures (see the module doc)."""
     _free(device)
-    rss_start = current_rss()
+    out: dict[str, Any] = {"tool": tool, "rss_start_bytes": current_rss()}
     meter = PhaseMeter(device)
-    out: dict[str, Any] = {"tool": tool}
     log(f"{tool}: building the model")
     with meter.phase("load"):
-        if tool == "slimtune":
-            model, fuse_lines = build_slimtune(config, cfg, device=device, dtype=dtype, targets=targets)
-            out["fuse_report"] = fuse_lines
-            out["checkpointing"] = cfg.checkpointing
-            out["description"] = (f"slimtune {cfg.adapter} adapters, fused kernels, chunked linear CE, "
-                                  f"checkpointing {cfg.checkpointing}")
-        else:
-            base = random_base(config, device=device, dtype=dtype, seed=cfg.seed)
-            model = build_baseline(base, kind=cfg.adapter, rank=cfg.rank, alpha=_alpha(cfg), targets=targets)
-            out["checkpointing"] = "full"
-            out["description"] = ("HF transformers + PEFT LoRA on bitsandbytes Linear4bit, SDPA, HF gradient "
-                                  "checkpointing (use_reentrant=False), model(ids, labels).loss")
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = build_optimizer(params, TrainConfig(optimizer=cfg.optimizer, lr=cfg.lr))
-    out["trainable_params"] = sum(p.numel() for p in params)
-    loss_fn = _loss_fn(tool)
-    ids = random_tokens(config.vocab_size, cfg.batch, cfg.seq_len, seed=cfg.seed + 1, device=device)
-    tokens = cfg.batch * cfg.seq_len
+        side = _build_side(tool, config, cfg, device=device, dtype=dtype, targets=targets, out=out)
+    _train(side, meter, out, log)
+    est = side.estimate(cfg.seq_len)
+    log(f"{tool}: measuring bytes saved for backward")
+    _saved_figures(side, est, out)
+    out["seq_sweep"] = _sweep(side, out, log)
+    out["max_context"] = _max_context(side, est, log)
+    del side
+    _free(device)
+    return out
 
+
+def _train(side: _Side, meter: PhaseMeter, out: dict[str, Any], log: Log) -> None:
+    """``cfg.steps`` training steps with per-phase memory; fills step times, losses, tokens/s and the phases."""
+    cfg = side.cfg
+    ids = side.ids(cfg.seq_len)
+    tokens = cfg.batch * cfg.seq_len
     step_seconds: list[float] = []
     losses: list[float] = []
     out["oom"] = False
     try:
         for i in range(cfg.steps):
             t0 = time.perf_counter()
-            losses.append(_train_step(model, opt, loss_fn, ids, meter))
+            losses.append(_train_step(side.model, side.opt, side.loss_fn, ids, meter))
             step_seconds.append(time.perf_counter() - t0)
-            log(f"{tool}: step {i + 1}/{cfg.steps} loss {losses[-1]:.4f} {tokens / step_seconds[-1]:,.0f} tok/s")
+            log(f"{side.tool}: step {i + 1}/{cfg.steps} loss {losses[-1]:.4f} "
+                f"{tokens / step_seconds[-1]:,.0f} tok/s")
     except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
         if not _is_oom(err):
             raise
         out["oom"] = True
-        log(f"{tool}: out of memory at {cfg.seq_len} x {cfg.batch} tokens")
-    opt.zero_grad(set_to_none=True)
-    _free(device)
+        log(f"{side.tool}: out of memory at {cfg.seq_len} x {cfg.batch} tokens")
+    side.opt.zero_grad(set_to_none=True)
+    _free(side.device)
     timed = step_seconds[cfg.warmup:]
     out["step_seconds"] = [round(s, 5) for s in step_seconds]
     out["losses"] = [round(v, 5) for v in losses]
     out["tokens_per_step"] = tokens
-    out["tokens_per_second"] = round(tokens / statistics.median(timed), 2) if timed else None
+    out["tokens_per_second"] = round(tokens / statistics.median(timed), 2) if timed and not out["oom"] else None
     out["memory_method"] = meter.method
     out["phases"] = {}
     for ph in PHASES:
         peaks = dict(meter.peaks.get(ph, {}))
         if "rss_peak_bytes" in peaks:
-            peaks["rss_above_start_bytes"] = max(0, peaks["rss_peak_bytes"] - rss_start)
+            peaks["rss_above_start_bytes"] = max(0, peaks["rss_peak_bytes"] - out["rss_start_bytes"])
         out["phases"][ph] = peaks
-    out["rss_start_bytes"] = rss_start
     out["phase_seconds"] = {k: round(v, 4) for k, v in meter.seconds.items()}
 
-    # ---- bytes saved for backward (both devices) -------------------------------------------------------------
-    est = _estimate_for(tool, config, cfg, dtype, targets, cfg.seq_len)
-    log(f"{tool}: measuring bytes saved for backward")
-    per_layer = layer_saved_bytes(model, ids)
-    out["saved_bytes_per_token_per_layer"] = round(per_layer / tokens, 2)
-    est_layer = sum(est.activation_per_token_per_layer.values())
-    measured = measure_activation_term(model, ids, out["checkpointing"], layer_bytes=per_layer)
+
+def _saved_figures(side: _Side, est: Estimate, out: dict[str, Any]) -> None:
+    """Bytes saved for backward (one layer, and the activation term of the tool's mode) against the estimate."""
+    cfg = side.cfg
+    ids = side.ids(cfg.seq_len)
+    tokens = cfg.batch * cfg.seq_len
     predicted = estimated_activation_term(est)
+    est_layer = sum(est.activation_per_token_per_layer.values())
+    try:
+        per_layer = layer_saved_bytes(side.model, ids)
+        measured = measure_activation_term(side.model, ids, side.mode, layer_bytes=per_layer)
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
+        if not _is_oom(err):
+            raise
+        per_layer, measured = None, {"total": None}
+    _free(side.device)
+    layer_per_token = None if per_layer is None else round(per_layer / tokens, 2)
+    out["saved_bytes_per_token_per_layer"] = layer_per_token
     out["activation"] = {
-        "mode": out["checkpointing"], "tokens": tokens, "measured": measured, "estimated": predicted,
-        "gap_pct": gap_pct(predicted["total"], measured["total"]),
-        "per_token_per_layer": {"measured": out["saved_bytes_per_token_per_layer"], "estimated": est_layer,
-                                "gap_pct": gap_pct(est_layer, per_layer / tokens)},
+        "mode": side.mode, "tokens": tokens, "measured": measured, "estimated": predicted,
+        "gap_pct": gap_pct(predicted["total"], measured["total"] or 0),
+        "per_token_per_layer": {"measured": layer_per_token, "estimated": est_layer,
+                                "gap_pct": gap_pct(est_layer, per_layer / tokens if per_layer else 0)},
     }
     out["estimate"] = {"total_bytes": est.total_bytes, "total_gib": round(est.total_bytes / GiB, 4),
                        "cuda_context_bytes": est.cuda_context_bytes, "components_bytes": est.components(),
                        "max_seq_len": est.max_seq_len_that_fits(), "gpu_mem_gib": cfg.mem_cap_gib}
-    if device.type == "cuda" and not out["oom"]:
+    if side.device.type == "cuda" and not out["oom"]:
         peak = max(p.get("allocated_bytes", 0) for p in out["phases"].values())
-        no_ctx = est.total_bytes - est.cuda_context_bytes
         out["estimate"]["peak_allocated_bytes"] = peak
-        out["estimate"]["peak_gap_pct"] = gap_pct(no_ctx, peak)
-    _free(device)
+        out["estimate"]["peak_gap_pct"] = gap_pct(est.total_bytes - est.cuda_context_bytes, peak)
 
-    # ---- sweep over sequence lengths -------------------------------------------------------------------------
-    sweep = []
-    for seq in _sweep_lens(cfg):
-        ids_s = random_tokens(config.vocab_size, cfg.batch, seq, seed=cfg.seed + 1, device=device)
-        e = _estimate_for(tool, config, cfg, dtype, targets, seq)
+
+def _sweep(side: _Side, out: dict[str, Any], log: Log) -> list[dict[str, Any]]:
+    """Memory against the sequence length: peak allocated of one step (CUDA) or the saved activation term (CPU)."""
+    rows = []
+    for seq in _sweep_lens(side.cfg):
+        ids = side.ids(seq)
+        e = side.estimate(seq)
         row: dict[str, Any] = {"seq_len": seq}
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            ok = _try_step(model, opt, loss_fn, lambda s: ids_s, seq, device)
-            row["measured_bytes"] = int(torch.cuda.max_memory_allocated(device)) if ok else None
+        if side.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(side.device)
+            ok = side.try_step(ids)
+            row["measured_bytes"] = int(torch.cuda.max_memory_allocated(side.device)) if ok else None
             row["estimated_bytes"] = e.total_bytes - e.cuda_context_bytes
             row["metric"] = "peak allocated (one training step)"
         else:
-            row["measured_bytes"] = (measured["total"] if seq == cfg.seq_len else
-                                     measure_activation_term(model, ids_s, out["checkpointing"])["total"])
+            same = seq == side.cfg.seq_len and out["activation"]["measured"]["total"] is not None
+            row["measured_bytes"] = (out["activation"]["measured"]["total"] if same
+                                     else measure_activation_term(side.model, ids, side.mode)["total"])
             row["estimated_bytes"] = estimated_activation_term(e)["total"]
             row["metric"] = "bytes saved for backward (activation term)"
         row["gap_pct"] = gap_pct(row["estimated_bytes"], row["measured_bytes"] or 0)
-        sweep.append(row)
-        log(f"{tool}: seq {seq}: {row['metric']} {_mib(row['measured_bytes'])} (estimate {_mib(row['estimated_bytes'])})")
-        _free(device)
-    out["seq_sweep"] = sweep
+        rows.append(row)
+        log(f"{side.tool}: seq {seq}: {row['metric']} {_mib(row['measured_bytes'])} "
+            f"(estimate {_mib(row['estimated_bytes'])})")
+        _free(side.device)
+    return rows
 
-    # ---- longest sequence under the memory cap ---------------------------------------------------------------
+
+def _max_context(side: _Side, est: Estimate, log: Log) -> dict[str, Any]:
+    """The longest sequence that trains one step under ``mem_cap_gib`` (CUDA), and the estimator's answer."""
+    cfg, device = side.cfg, side.device
     mc: dict[str, Any] = {"cap_gib": cfg.mem_cap_gib, "estimated": est.max_seq_len_that_fits(), "measured": None}
-    if cfg.max_context and device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        frac = min(1.0, cfg.mem_cap_gib * GiB / total)
-        mc["memory_fraction"] = round(frac, 4)
-        log(f"{tool}: longest sequence under {cfg.mem_cap_gib:g} GiB (memory fraction {frac:.3f})")
-        torch.cuda.set_per_process_memory_fraction(frac, device)
-        try:
-            def ids_fn(s: int) -> torch.Tensor:
-                return random_tokens(config.vocab_size, cfg.batch, s, seed=cfg.seed + 2, device=device)
-
-            best, trials = search_max_context(
-                lambda s: _try_step(model, opt, loss_fn, ids_fn, s, device),
-                start=cfg.seq_len, limit=cfg.max_context_limit, log=log)
-        finally:
-            torch.cuda.set_per_process_memory_fraction(1.0, device)
-        mc["measured"], mc["trials"] = best, trials
-        mc["limit"] = cfg.max_context_limit
-    elif cfg.max_context:
+    if not cfg.max_context:
+        return mc
+    if device.type != "cuda":
         mc["note"] = "measured on CUDA only (set_per_process_memory_fraction); the estimate is shown"
-    out["max_context"] = mc
-    del model, opt, params
-    _free(device)
-    return out
+        return mc
+    total = torch.cuda.get_device_properties(device).total_memory
+    frac = min(1.0, cfg.mem_cap_gib * GiB / total)
+    mc["memory_fraction"] = round(frac, 4)
+    log(f"{side.tool}: longest sequence under {cfg.mem_cap_gib:g} GiB (memory fraction {frac:.3f})")
+    torch.cuda.set_per_process_memory_fraction(frac, device)
+    try:
+        best, trials = search_max_context(lambda s: side.try_step(side.ids(s, seed_offset=2)),
+                                          start=cfg.seq_len, limit=cfg.max_context_limit, log=log)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+    mc.update(measured=best, trials=trials, limit=cfg.max_context_limit)
+    return mc
 
 
 def _sweep_lens(cfg: BenchConfig) -> list[int]:

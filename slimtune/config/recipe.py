@@ -272,7 +272,8 @@ def _model_names() -> set[str]:
 
 def _key_path(loc: tuple) -> str:
     """Dotted key path of a pydantic error location, without union tags (e.g. adapter.lora.rank → adapter.rank,
-    adapter.layers.LayerRange.first → adapter.layers.first, adapter.targets.literal['all-linear'] → adapter.targets)."""
+    adapter.layers.LayerRange.first → adapter.layers.first, adapter.targets.literal['all-linear'] →
+    adapter.targets)."""
     kinds = set(registry())
     models = _model_names()
     parts: list[str] = []

@@ -28,7 +28,7 @@ from slimtune.config.recipe import Recipe
 from slimtune.data.dataset import TrainData, build_dataset, count_target_tokens
 from slimtune.errors import RecipeError, SlimtuneError
 from slimtune.models.load import LoadedModel, load_model
-from slimtune.ops.linear_ce import linear_cross_entropy
+from slimtune.models.fused import causal_lm_loss
 from slimtune.train import faults
 from slimtune.train.checkpointing import enable_checkpointing
 from slimtune.train.optim import build_optimizer, build_scheduler, drop_frozen
@@ -80,12 +80,8 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of next-token losses over the batch's target tokens (labels != -100), fp32 0-dim."""
-    decoder = model.get_decoder()
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    head = model.get_output_embeddings()
-    return linear_cross_entropy(
-        hidden[:, :-1], head.weight, batch["labels"][:, 1:], bias=getattr(head, "bias", None), reduction="sum"
-    )
+    return causal_lm_loss(model, input_ids=batch["input_ids"], labels=batch["labels"],
+                          attention_mask=batch["attention_mask"], reduction="sum")
 
 
 @dataclass
@@ -187,6 +183,9 @@ class Trainer:
             state = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=False)
         except Exception as e:  # a damaged file: one line naming it, not a traceback
             raise SlimtuneError(f"--resume {ckpt}: cannot read the checkpoint ({type(e).__name__}: {e})") from None
+        if state.get("stage", self.stage) != self.stage:
+            raise SlimtuneError(f"--resume {ckpt}: a checkpoint of stage {state['stage']!r}, but the stage to run is "
+                                f"{self.stage!r}")
         for a in self.adapters.values():
             a.on_step(state["step"], self.total_steps)
         if any(not p.requires_grad for g in self.optimizer.param_groups for p in g["params"]):

@@ -26,9 +26,26 @@ def merge_to_folder(model_cfg: ModelConfig, adapter_dir: Path, out_dir: Path, *,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.config.use_cache = True
+    make_saveable(model)
     model.save_pretrained(out_dir, safe_serialization=True)
     loaded.tokenizer.save_pretrained(out_dir)
     kept = Path(resolve_package_path(model_cfg.name)) / "loram.json"
     if kept.is_file():  # a LoRAM-pruned base: the merged model keeps the pruned shapes, so it needs the map too
         shutil.copy2(kept, out_dir / "loram.json")
     return out_dir
+
+
+def make_saveable(model: torch.nn.Module) -> torch.nn.Module:
+    """A model loaded from a GGUF file holds plain dequantized tensors, but transformers still marks it as
+    GGUF-quantized, which save_pretrained refuses; drop that marker (the saved folder is an ordinary model)."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is not None and str(getattr(method, "value", method)) == "gguf":
+        model.hf_quantizer = None
+        try:
+            model.is_quantized = False
+        except AttributeError:  # a read-only property in some versions (it then follows hf_quantizer)
+            pass
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
+    return model

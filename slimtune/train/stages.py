@@ -197,6 +197,7 @@ def run_arithmetic_stage(stage: StageConfig, r: Recipe, base_model: ModelConfig,
     from slimtune.adapters.export import load_native
     from slimtune.adapters.inject import merge
     from slimtune.models.load import load_model, load_tokenizer
+    from slimtune.train.merge import make_saveable
 
     spec = stage.arithmetic
     assert spec is not None
@@ -222,6 +223,7 @@ def run_arithmetic_stage(stage: StageConfig, r: Recipe, base_model: ModelConfig,
     out.mkdir(parents=True, exist_ok=True)
     model = model.to(DTYPES[r.output.merged_dtype])
     model.config.use_cache = True
+    make_saveable(model)
     model.save_pretrained(out, safe_serialization=True)
     tok_src = spec.instruct if spec.tokenizer_from == "instruct" else base_name
     load_tokenizer(ModelConfig(name=tok_src)).save_pretrained(out)

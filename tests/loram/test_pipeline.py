@@ -27,7 +27,7 @@ def _recipe(tmp: Path, base: Path, *, out: str = "run", **over) -> object:
     data = {
         "name": "loram-tiny",
         "model": {"name": str(base), "attn_implementation": "eager"},
-        "quant": {"mode": "none"},
+        "quant": {"mode": "nf4"},  # QLoRAM: the pruned base in NF4
         "adapter": {"kind": "lora", "rank": 8, "alpha": 16},
         "data": {"sources": [{"path": str(udhr_path("eng"))}], "format": "text", "max_seq_len": 32, "holdout": 4},
         "train": {"lr": 1e-2, "steps": 16, "micro_batch": 8, "warmup": 0, "seed": 3, "fused": False},
@@ -140,6 +140,19 @@ def test_rerun_skips_every_finished_step(run):
     assert again["loram"]["eval"] == run.result["loram"]["eval"]
 
 
+def test_interrupted_training_resumes_inside_the_pipeline(base, tmp_path):
+    r = _recipe(tmp_path, base, quant={"mode": "none"},
+                train={"lr": 1e-2, "steps": 4, "micro_batch": 4, "warmup": 0, "seed": 3, "fused": False})
+    first = run_recipe(r, base_dir=tmp_path, stop_after=2)
+    d = Path(first["run_dir"])
+    assert first["interrupted"] and first["stages"][-1]["steps"] == 2 and not (d / "adapter_recovered").exists()
+    reporter = SilentReporter()
+    done = run_recipe(r, base_dir=tmp_path, reporter=reporter, resume=True)
+    assert not done["interrupted"] and done["stages"][-1]["steps"] == 4 and len(reporter.steps) == 2
+    assert "LoRAM prune: already done" in reporter.messages[0]
+    assert (d / "merged" / "model.safetensors").is_file() and done["loram"]["eval"]["merged"]["heldout"]
+
+
 def test_loader_loads_a_pruned_folder_quantized(run):
     """QLoRAM: the model loader recognises loram.json and quantizes the pruned shapes to NF4."""
     import bitsandbytes as bnb
@@ -226,6 +239,23 @@ def test_adapter_chain_follows_start_from(base, tmp_path):
                                          {"name": "c", "start_from": "adapter"}])
     chain = adapter_chain(r, tmp_path / "train")
     assert [n for n, _ in chain] == ["a", "c"] and chain[1][1] == tmp_path / "train" / "stages" / "c" / "adapter"
+
+
+def test_stacked_stages_recover_and_merge_every_adapter(base, tmp_path):
+    """stages base → merged: stage b trains on the pruned model with a's adapter merged (the merged pruned folder
+    keeps loram.json); both adapters are recovered and added to the original."""
+    data = {"sources": [{"path": str(udhr_path("eng")), "max_records": 10}], "format": "text", "max_seq_len": 32}
+    r = _recipe(tmp_path, base, quant={"mode": "none"}, train={"lr": 1e-2, "steps": 3, "micro_batch": 4, "fused": False},
+                stages=[{"name": "a", "start_from": "base", "data": data}, {"name": "b", "start_from": "merged"}])
+    d = Path(run_recipe(r, base_dir=tmp_path)["run_dir"])
+    assert (d / "train" / "stages" / "a" / "merged" / "loram.json").is_file()
+    deltas = []
+    for name in ("a", "b"):
+        t = load_file(d / "adapter_recovered" / name / "adapter_model.safetensors")
+        key = "base_model.model.model.layers.2.mlp.down_proj.lora_"
+        deltas.append(2.0 * t[key + "B.weight"] @ t[key + "A.weight"])  # alpha 16 / r 8
+    got = _load(d / "merged").model.layers[2].mlp.down_proj.weight - _load(base).model.layers[2].mlp.down_proj.weight
+    torch.testing.assert_close(got, deltas[0] + deltas[1], rtol=1e-4, atol=1e-6)
 
 
 def test_shipped_loram_recipes_validate():

@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 
 from slimtune.train.state import list_checkpoints
 
-STEPS = 18
+STEPS = 24
 KILL_POINTS: list[str] = []
 
 
@@ -136,7 +136,9 @@ def test_killed_and_resumed_run_is_exact(tmp_path, tiny_model_dir, rel):
 
     # L1: SIGKILL during start-up (imports, model load, first steps): nothing or little saved.
     proc = lin.start(resume=False)
-    time.sleep(rng.uniform(0.5, 2.5))
+    deadline = time.monotonic() + rng.uniform(0.5, 2.5)
+    while time.monotonic() < deadline and not metric_rows(run_dir):  # a fast machine: at the latest at step 1
+        time.sleep(0.005)
     rc, out, err = lin.kill(proc)
     assert rc == -signal.SIGKILL, (rc, out, err)
     last = check_prefix(run_dir, ref, "L1")
@@ -229,8 +231,14 @@ def test_resume_refuses_changed_recipe_through_cli(tmp_path, tiny_model_dir, rel
     assert res.exit_code == 2 and "Traceback" not in res.output, res.output
     assert len(errors) == 1 and errors[0].startswith("error: cannot resume"), res.output
     assert "train.lr" in errors[0] and "train.micro_batch" in errors[0], errors[0]
-    # an explicit checkpoint folder (and a run folder) work as --resume PATH once the recipe is restored
+    # a damaged checkpoint file is one line too, naming the checkpoint
     rel.write_recipe(recipe, rel.recipe(tiny_model_dir, run_dir, steps=4))
+    (run_dir / "checkpoints" / "step-00000002" / "trainer.pt").write_bytes(b"not a torch file")
+    res = rel.invoke(["run", str(recipe), "--resume", "latest", "--quiet"], env=rel.env)
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert res.exit_code == 2 and "Traceback" not in res.output and len(errors) == 1, res.output
+    assert "step-00000002: cannot read the checkpoint" in errors[0], errors[0]
+    # an explicit checkpoint folder works as --resume PATH
     ckpt = run_dir / "checkpoints" / "step-00000001"
     res = rel.invoke(["run", str(recipe), "--resume", str(ckpt)], env=rel.env)
     assert res.exit_code == 0 and flat(f"resumed from {ckpt} at step 1") in flat(res.output), res.output
