@@ -472,8 +472,8 @@ def compare(
 
     comp = compare_runs(list(runs), labels=label, all_labels=all_labels)
     table = Table(title="comparison")
-    table.add_column("run")
-    table.add_column("label")
+    table.add_column("run", no_wrap=True)
+    table.add_column("label", no_wrap=True)
     for m in comp.metrics:
         table.add_column(f"{m} {'↓' if lower_is_better(m) else '↑'}", justify="right")
     for row in comp.rows:

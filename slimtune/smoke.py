@@ -372,6 +372,8 @@ def load_smoke_recipe(path: str | Path, overrides: list[str] | None = None, *, r
     load_recipe(path, overrides)  # the real recipe must be valid too (one error message, file and key)
     raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     data = apply_overrides(raw, overrides)
+    if any(o.split("=", 1)[0].strip() == "model.name" for o in overrides or []):
+        model = str(data["model"]["name"])  # the user's model wins, for the arithmetic stages too
     plan = smoke_plan(data, root=root, model=model, name=path.stem)
     data = apply_overrides(apply_overrides(data, plan.overrides, source="--smoke"), overrides)
     recipe = load_recipe_dict(data, file=f"{path} (smoke)", base_dir=path.parent, name=path.stem)

@@ -788,6 +788,8 @@ def estimate_recipe_stages(recipe: Any, gpu_mem_gib: float | None = 24.0) -> lis
     loram = recipe_loram_layout(recipe)  # LoRAM: the training-time peak is the pruned model's
     out: list[tuple[str, Estimate]] = []
     for stage, r in recipe.resolved_stages():
+        if getattr(stage, "kind", "train") != "train":  # merge / eval / arithmetic stages train nothing
+            continue
         a, q, t = r.adapter, r.quant, r.train
         kind = _KIND_AS.get(a.kind, a.kind)
         layers = a.layers

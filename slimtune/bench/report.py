@@ -125,8 +125,9 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "gap = (estimated − measured) / measured; target within ±10 % for slimtune. Measured activation term = "
         "saved tensors at the end of the decoder's forward (layer inputs kept by `checkpoint`, or by `save_on_cpu` "
-        "in host memory with offload) + what one layer saves while recomputed. The estimator's two in-flight "
-        "copy-back buffers of offload are GPU transients, not saved tensors, and are not in this comparison.",
+        "in host memory with offload) + what one layer saves while recomputed + the rotary cos/sin the checkpointed "
+        "layers hold. The estimator's two in-flight copy-back buffers of offload are GPU transients, not saved "
+        "tensors, and are not in this comparison.",
         "",
     ]
     # ---- sweep -----------------------------------------------------------------------------------------------

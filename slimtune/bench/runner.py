@@ -274,6 +274,16 @@ def current_rss() -> int:
     return rss
 
 
+def _trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc ``malloc_trim``), so that RSS follows live memory."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _reset_rss_peak() -> bool:
     """Reset the kernel's peak-RSS counter (VmHWM) to the current RSS. False when not allowed."""
     try:
@@ -289,7 +299,7 @@ class PhaseMeter:
 
     CUDA: ``reset_peak_memory_stats`` at the phase start, ``max_memory_allocated`` / ``max_memory_reserved`` at
     its end. CPU: the peak RSS (VmHWM, reset at the phase start through ``/proc/self/clear_refs``; where that is
-    refused, a thread samples VmRSS every millisecond).
+    refused, a thread samples VmRSS every millisecond), after handing freed heap memory back to the OS.
     """
 
     def __init__(self, device: torch.device):
@@ -309,8 +319,10 @@ class PhaseMeter:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self.method == "vmhwm":
+            _trim_heap()
             _reset_rss_peak()
         else:
+            _trim_heap()
             sampler = _RssSampler()
             sampler.start()
         t0 = time.perf_counter()
@@ -348,6 +360,8 @@ class _RssSampler(threading.Thread):
 
 def _free(device: torch.device) -> None:
     gc.collect()
+    if device.type == "cpu":
+        _trim_heap()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
@@ -396,13 +410,15 @@ def recording_offload() -> Iterator[dict[str, int]]:
         torch.autograd.graph.save_on_cpu = original
 
 
-def layer_saved_bytes(model: nn.Module, ids: torch.Tensor, *, index: int = -1) -> int:
-    """Bytes one decoder layer saves for backward on its real input, without checkpointing.
+def measure_layer(model: nn.Module, ids: torch.Tensor, *, index: int = -1) -> dict[str, int]:
+    """What one decoder layer saves for backward on its real input, without checkpointing (bytes).
 
     The layer's inputs are captured from a no-grad forward (a pre-hook), the hidden state is given
     ``requires_grad`` (as for every layer after the first in training), and the layer runs once under
-    :func:`saved_bytes`. The tensors it receives from the model (rotary cos/sin, masks) are shared by all layers
-    and excluded, as are parameters. This is also what a checkpointed layer holds while it is recomputed.
+    :func:`saved_bytes`. ``saved``: its own saved tensors, parameters excluded, and the tensors it receives from
+    the model (rotary cos/sin, masks) excluded too: they are computed once and shared by every layer;
+    ``shared_inputs``: those shared tensors (distinct storages). ``saved`` is also what a checkpointed layer holds
+    while it is recomputed in backward.
     """
     decoder = _decoder(model)
     layer = decoder.layers[index]
@@ -421,16 +437,15 @@ def layer_saved_bytes(model: nn.Module, ids: torch.Tensor, *, index: int = -1) -
     finally:
         handle.remove()
     args, kwargs = list(captured["args"]), dict(captured["kwargs"])
-    if args:
-        hidden = args.pop(0)
-    else:
-        hidden = kwargs.pop("hidden_states")
+    hidden = args.pop(0) if args else kwargs.pop("hidden_states")
     x = hidden.detach().clone().requires_grad_(True)
     shared = nn.Module()
+    storages: dict[int, int] = {}
     tensors = [t for v in list(args) + list(kwargs.values()) for t in (v if isinstance(v, (tuple, list)) else (v,))
                if torch.is_tensor(t)]
     for i, t in enumerate(tensors):
         shared.register_buffer(f"t{i}", t, persistent=False)
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     was = getattr(layer, "gradient_checkpointing", False)
     if was:
         layer.gradient_checkpointing = False
@@ -439,32 +454,42 @@ def layer_saved_bytes(model: nn.Module, ids: torch.Tensor, *, index: int = -1) -
     finally:
         if was:
             layer.gradient_checkpointing = True
-    return res.activation_bytes
+    return {"saved": res.activation_bytes, "shared_inputs": sum(storages.values())}
+
+
+def layer_saved_bytes(model: nn.Module, ids: torch.Tensor, *, index: int = -1) -> int:
+    """``measure_layer(...)["saved"]``: bytes one decoder layer saves for backward (shared inputs excluded)."""
+    return measure_layer(model, ids, index=index)["saved"]
 
 
 def measure_activation_term(model: nn.Module, ids: torch.Tensor, mode: str, *,
-                            layer_bytes: int | None = None) -> dict[str, int]:
+                            layer: dict[str, int] | None = None) -> dict[str, int]:
     """What autograd keeps for backward through the decoder (layers + final norm), in checkpointing ``mode``.
 
     * ``device_saved``: :func:`saved_bytes` around the decoder's forward. Without checkpointing that is every
-      layer's saved tensors; with ``full`` checkpointing it is what ``checkpoint`` keeps (each layer's input) plus
-      the final norm; with ``offload`` the layer inputs go to ``save_on_cpu`` instead (its hooks are innermost, so
-      they never reach the outer counting hook) and only the final norm stays;
+      layer's saved tensors (the shared rotary cos/sin among them, once); with ``full`` checkpointing it is what
+      ``checkpoint`` keeps (each layer's input) plus the final norm; with ``offload`` the layer inputs go to
+      ``save_on_cpu`` instead (its hooks are innermost, so they never reach the outer counting hook) and only the
+      final norm stays;
     * ``host_saved``: the layer inputs ``save_on_cpu`` keeps (``offload`` only), see :func:`recording_offload`;
-    * ``recompute_layer``: for ``full`` / ``offload``, what one layer saves while it is recomputed in backward
-      (:func:`layer_saved_bytes` on the last layer): the checkpointed layer's activations exist once at a time.
+    * ``recompute_layer`` (``full`` / ``offload``): what one layer saves while it is recomputed in backward
+      (:func:`measure_layer` on the last layer): the checkpointed layers' activations exist one layer at a time;
+    * ``shared_inputs`` (``full`` / ``offload``): the rotary cos/sin the checkpointed layers hold for their
+      recompute (kept alive until backward, counted once).
 
     ``total`` is their sum: the quantity the estimator's activation term models (layer inputs + activations,
-    with the offloaded inputs counted in host memory). ``layer_bytes``: a :func:`layer_saved_bytes` already
-    measured on the same ``ids`` (not measured again).
+    with the offloaded inputs counted in host memory). ``layer``: a :func:`measure_layer` result already taken on
+    the same ``ids`` (not measured again).
     """
     decoder = _decoder(model)
     with recording_offload() as host:
         r = saved_bytes(lambda: decoder(input_ids=ids, use_cache=False).last_hidden_state, modules=[model])
-    out = {"device_saved": r.activation_bytes, "host_saved": int(host["bytes"]), "recompute_layer": 0}
+    out = {"device_saved": r.activation_bytes, "host_saved": int(host["bytes"]), "recompute_layer": 0,
+           "shared_inputs": 0}
     if mode != "none":
-        out["recompute_layer"] = layer_saved_bytes(model, ids) if layer_bytes is None else int(layer_bytes)
-    out["total"] = out["device_saved"] + out["host_saved"] + out["recompute_layer"]
+        layer = layer if layer is not None else measure_layer(model, ids)
+        out["recompute_layer"], out["shared_inputs"] = int(layer["saved"]), int(layer["shared_inputs"])
+    out["total"] = sum(out.values())
     return out
 
 
@@ -692,8 +717,9 @@ def _saved_figures(side: _Side, est: Estimate, out: dict[str, Any]) -> None:
     predicted = estimated_activation_term(est)
     est_layer = sum(est.activation_per_token_per_layer.values())
     try:
-        per_layer = layer_saved_bytes(side.model, ids)
-        measured = measure_activation_term(side.model, ids, side.mode, layer_bytes=per_layer)
+        layer = measure_layer(side.model, ids)
+        per_layer = layer["saved"]
+        measured = measure_activation_term(side.model, ids, side.mode, layer=layer)
     except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
         if not _is_oom(err):
             raise

@@ -1,8 +1,8 @@
 """`slimtune compare RUN_DIR...`: one table of several runs' evaluations (e.g. the Sardinian SFT ablations).
 
 Each run folder holds the ``eval.json`` its run wrote ({label: result}, labels in the order they were measured).
-By default a run contributes its last label (the final model, e.g. "after sft"); ``labels`` picks others, and
-``all_labels`` takes every one. Columns are the metrics (BLEU, chrF, perplexity, exact match, in that order), the best
+By default a run contributes its last label (the final model, e.g. "after sft"); ``labels`` picks others (a run
+without any of them contributes no row), and ``all_labels`` takes every one. Columns are the metrics (BLEU, chrF, perplexity, exact match, in that order), the best
 value of each column is marked.
 
     comp = compare_runs([Path("runs/sardinian_rslora"), Path("runs/sardinian_lora_r64")])
@@ -87,10 +87,7 @@ def compare_runs(run_dirs: list[Path], *, labels: list[str] | None = None, all_l
         results = load_eval(Path(d))
         if all_labels:
             chosen = list(results)
-        elif labels:
-            missing = [lb for lb in labels if lb not in results]
-            if len(missing) == len(labels):
-                raise SlimtuneError(f"{d}: none of the labels {labels} in eval.json (have: {', '.join(results)})")
+        elif labels:  # a run without any of them contributes no row
             chosen = [lb for lb in labels if lb in results]
         else:
             chosen = [list(results)[-1]]
@@ -98,6 +95,8 @@ def compare_runs(run_dirs: list[Path], *, labels: list[str] | None = None, all_l
             metrics = {k: v for k, v in (results[lb].get("metrics") or {}).items() if isinstance(v, (int, float))}
             seen += [m for m in metrics if m not in seen]
             comp.rows.append(Row(run=name, label=lb, metrics=metrics))
+    if not comp.rows:
+        raise SlimtuneError(f"compare: no run has an evaluation labelled {' or '.join(map(repr, labels or []))}")
     comp.metrics = sorted(seen, key=_metric_key)
     return comp
 

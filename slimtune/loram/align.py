@@ -124,7 +124,8 @@ def align_pruned(
             gnorm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf))
             loss = loss_total / n_target
             if not (math.isfinite(loss) and math.isfinite(gnorm)):
-                raise SlimtuneError(f"LoRAM align: non-finite loss or gradient at step {step}; lower loram.align.train.lr")
+                raise SlimtuneError(f"LoRAM align: non-finite loss or gradient at step {step}; "
+                                    "lower loram.align.train.lr")
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()

@@ -1,4 +1,4 @@
-"""LoRAM as one recipe: prune → (align) → train (Q)LoRA on the pruned model → recover → merge → eval (DESIGN §2).
+"""LoRAM as one recipe: prune → (align) → train (Q)LoRA on the pruned model → recover → merge → eval (DESIGN §2)
 
 A recipe with a top-level ``loram:`` block runs through `run_loram` (``slimtune run`` dispatches here):
 
@@ -19,7 +19,8 @@ A recipe with a top-level ``loram:`` block runs through `run_loram` (``slimtune 
    ``eval:`` section and the loss on the training data's held-out records (``data.holdout``).
 
 Every step is skipped when its output is already there (pruned/aligned folders hold a summary file written last;
-training stages have their stage_summary.json; merge and eval are keyed by a digest of the recovered adapters), so
+training stages have their stage_summary.json; merge and eval are keyed by a digest of the recovered adapters, eval
+also by its settings), so
 re-running the recipe (or ``--resume`` after an interruption) redoes nothing finished.
 
 Adapter chains: with ``stages``, ``start_from: base`` restarts from the pruned base, ``adapter`` keeps training the
@@ -88,16 +89,6 @@ def _swap_in(tmp: Path, final: Path) -> None:
     tmp.rename(final)
 
 
-def _plain(model):
-    """A model loaded from GGUF carries transformers' GGUF quantizer although its weights are dequantized float
-    tensors, and `save_pretrained` refuses it; drop the marker so the float model saves like any other."""
-    if getattr(model, "hf_quantizer", None) is not None and "gguf" in type(model.hf_quantizer).__name__.lower():
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-    return model
-
-
 def original_checkpoint(model_cfg) -> Path | None:
     """The original model as a local safetensors folder (a folder, or a hub snapshot fetched with
     `huggingface_hub.snapshot_download`), or None when it is a GGUF file or a folder without safetensors (those are
@@ -116,7 +107,8 @@ def original_checkpoint(model_cfg) -> Path | None:
 
         return Path(snapshot_download(src, revision=model_cfg.revision, allow_patterns=_SNAPSHOT_PATTERNS))
     except Exception as err:  # noqa: BLE001 - hub errors come in many types; the user needs one line
-        raise ModelError(f"model.name: cannot fetch {model_cfg.name} from the hub ({type(err).__name__}: {err})") from err
+        raise ModelError(f"model.name: cannot fetch {model_cfg.name} from the hub "
+                         f"({type(err).__name__}: {err})") from err
 
 
 # --------------------------------------------------------------------------------------------------- 1. prune
@@ -133,6 +125,7 @@ def prune_to_folder(model_cfg, lc, out_dir: str | Path, *, reporter=None) -> dic
     A finished pruned folder there with the same source and settings is reused; a different one is an error."""
     from slimtune.loram.prune import parameter_reduction, prune_checkpoint, prune_model, save_pruned
     from slimtune.models.load import QuantConfig, load_model, load_tokenizer
+    from slimtune.train.merge import make_saveable
 
     out = Path(out_dir)
     settings = _prune_settings(lc)
@@ -158,7 +151,7 @@ def prune_to_folder(model_cfg, lc, out_dir: str | Path, *, reporter=None) -> dic
     else:
         _log(reporter, f"LoRAM prune: loading {model_cfg.name} unquantized to prune at ratio {lc.ratio} ({lc.method})")
         loaded = load_model(model_cfg, QuantConfig(mode="none", compute_dtype="float32"), device="cpu")
-        model, kept = prune_model(_plain(loaded.model), **kw)
+        model, kept = prune_model(make_saveable(loaded.model), **kw)
         save_pruned(model, kept, tmp)
         del model, loaded
         _free()
@@ -335,6 +328,7 @@ def merge_recovered(model_cfg, peft_dirs: list[Path], out_dir: str | Path, *, dt
     from safetensors.torch import save_file
 
     from slimtune.models.load import DTYPES, QuantConfig, load_model, load_tokenizer
+    from slimtune.train.merge import make_saveable
 
     out, target = Path(out_dir), DTYPES[dtype]
     tmp = _fresh_tmp(out)
@@ -373,7 +367,7 @@ def merge_recovered(model_cfg, peft_dirs: list[Path], out_dir: str | Path, *, dt
     else:
         _log(reporter, f"LoRAM merge: loading {model_cfg.name} unquantized")
         loaded = load_model(model_cfg, QuantConfig(mode="none", compute_dtype="float32"), device="cpu")
-        model = _plain(loaded.model)
+        model = make_saveable(loaded.model)
         params = dict(model.named_parameters())
         weights = {k: p.data for k, p in params.items()}
         for d in peft_dirs:
@@ -548,14 +542,20 @@ def run_loram(recipe, *, base_dir: Path, reporter=None, resume: bool | Path = Fa
     # 6. eval of the ORIGINAL model before/after
     last = recipe.resolved_stages()[-1][1]
     holdout_cfg = (last.data, last.train.seed) if last.data is not None and last.data.holdout else None
-    if holdout_cfg is not None or recipe.eval is not None:
+    if holdout_cfg is not None or last.eval is not None:  # the last stage's eval and held-out data
+        eval_key = hashlib.sha256(json.dumps([
+            last.eval.model_dump(mode="json") if last.eval is not None else None,
+            holdout_cfg[0].model_dump(mode="json") if holdout_cfg else None, holdout_cfg and holdout_cfg[1],
+            last.quant.model_dump(mode="json"), lc.merge], sort_keys=True).encode()).hexdigest()[:16]
+        if state.get("eval_key") != eval_key:
+            state.pop("eval", None)
         if "eval" not in state:
             t = time.perf_counter()
-            evals = {"original": _eval_model(recipe.model.name, "original", recipe, base_dir, holdout_cfg, reporter)}
+            evals = {"original": _eval_model(last.model.name, "original", last, base_dir, holdout_cfg, reporter)}
             if lc.merge:
-                evals["merged"] = _eval_model(str(merged_dir), "original + recovered adapter", recipe, base_dir,
+                evals["merged"] = _eval_model(str(merged_dir), "original + recovered adapter", last, base_dir,
                                               holdout_cfg, reporter)
-            state["eval"] = evals
+            state["eval"], state["eval_key"] = evals, eval_key
             info["timings"]["eval"] = round(time.perf_counter() - t, 2)
             state_path.write_text(json.dumps(state, indent=2, default=str))
         else:

@@ -184,10 +184,9 @@ def load_model(model_cfg: ModelConfig, quant_cfg: QuantConfig, *, device: str | 
         raise ModelError(f"model.name: cannot load {model_cfg.name}: {e}") from e
     tok = load_tokenizer(model_cfg)
     if model_cfg.tokenizer_swap:
-        from slimtune.data.tokenizer_swap import swap_tokenizer
+        from slimtune.data.tokenizer_swap import load_swap_tokenizer, swap_tokenizer
 
-        swap_cfg = ModelConfig(name=model_cfg.tokenizer_swap, trust_remote_code=model_cfg.trust_remote_code)
-        new_tok = load_tokenizer(swap_cfg)
+        new_tok = load_swap_tokenizer(model_cfg.tokenizer_swap, trust_remote_code=model_cfg.trust_remote_code)
         swap_tokenizer(model, tok, new_tok, weighting=model_cfg.tokenizer_swap_weighting)
         tok = new_tok
     return prepare_loaded(model, tok, quant_cfg, device=dev, source=model_cfg.name)

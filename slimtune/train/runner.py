@@ -125,10 +125,16 @@ def run_recipe(
         if resume:
             resumed = trainer.resume(None if resume is True else Path(resume))
         stage_evals: dict[str, Any] = {}
+        before_file = sdir / "eval_before.json"  # kept so that a resumed stage still reports its "before"
         if not resumed and trainer.pos.step == 0:
             before = _evaluate(trainer, r, base_dir, f"before {stage.name}" if len(stages) > 1 else "before")
             if before is not None:
                 stage_evals[before["label"]] = before
+                sdir.mkdir(parents=True, exist_ok=True)
+                before_file.write_text(json.dumps(before, indent=2, default=str))
+        elif before_file.is_file():
+            before = json.loads(before_file.read_text())
+            stage_evals[before["label"]] = before
         summary = trainer.train(stop_after=stop_after)
         if summary["interrupted"]:
             summary["resume_hint"] = "slimtune run RECIPE --resume"

@@ -6,7 +6,8 @@ distinct storages, parameters excluded). Without checkpointing that is every lay
 norm. With ``full`` checkpointing the hooks see what ``torch.utils.checkpoint`` keeps: each layer's input. With
 ``offload`` those inputs go through ``save_on_cpu``, whose hooks are innermost; a recording ``save_on_cpu`` counts
 what it keeps in host memory. For both checkpointed modes one layer's saved set is added: it exists while that
-layer is recomputed in backward (measured by running one decoder layer on its real input). The estimator's side is
+layer is recomputed in backward (measured by running one decoder layer on its real input), and so are the rotary
+cos/sin the checkpointed layers hold for their recompute (once). The estimator's side is
 layer inputs + activations (+ the offloaded inputs); its two in-flight copy-back buffers of ``offload`` are GPU
 transients, not saved tensors, and are left out (see estimated_activation_term).
 """
@@ -94,3 +95,5 @@ def test_activation_term_within_10_percent(mode):
         per_layer = sum(activation_bytes_per_token_per_layer(cfg, fused=True, compute_dtype="float32",
                                                              rank=RANK).values())
         assert measured["recompute_layer"] == per_layer * tokens
+        head_dim = cfg.hidden_size // cfg.num_attention_heads
+        assert measured["shared_inputs"] == 2 * SEQ * head_dim * 4  # cos and sin, (1, T, head_dim) fp32

@@ -70,7 +70,8 @@ def run(base, tmp_path_factory):
 
 
 def _load(path: Path) -> transformers.PreTrainedModel:
-    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    return model.eval()
 
 
 @torch.no_grad()
@@ -105,7 +106,8 @@ def test_pipeline_prunes_trains_recovers_and_improves_the_original(run, base):
     assert recovered[key][mask].abs().sum() == 0 and trained[key].abs().sum() > 0
     down_a = "base_model.model.model.layers.2.mlp.down_proj.lora_A.weight"
     assert trained[down_a].shape == (8, 68) and recovered[down_a].shape == (8, 136)
-    assert json.loads((d / "adapter_recovered" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
+    rec_cfg = json.loads((d / "adapter_recovered" / "adapter_config.json").read_text())
+    assert rec_cfg["base_model_name_or_path"] == str(base)
 
     # merged = original + recovered adapter, exactly what PEFT computes with the recovered adapter on the original
     from peft import PeftModel
@@ -140,16 +142,24 @@ def test_rerun_skips_every_finished_step(run):
     assert again["loram"]["eval"] == run.result["loram"]["eval"]
 
 
-def test_interrupted_training_resumes_inside_the_pipeline(base, tmp_path):
+def test_aligned_pipeline_resumes_an_interrupted_training(base, tmp_path):
+    align = {"data": {"sources": [{"path": str(udhr_path("eng")), "max_records": 4}], "max_seq_len": 32},
+             "train": {"lr": 1e-3, "steps": 2, "micro_batch": 4}}
     r = _recipe(tmp_path, base, quant={"mode": "none"},
-                train={"lr": 1e-2, "steps": 4, "micro_batch": 4, "warmup": 0, "seed": 3, "fused": False})
+                train={"lr": 1e-2, "steps": 4, "micro_batch": 4, "warmup": 0, "seed": 3, "fused": False},
+                loram={"ratio": 0.5, "keep_first": 1, "keep_last": 1, "align": align})
     first = run_recipe(r, base_dir=tmp_path, stop_after=2)
     d = Path(first["run_dir"])
     assert first["interrupted"] and first["stages"][-1]["steps"] == 2 and not (d / "adapter_recovered").exists()
+    assert (d / "aligned" / "loram.json").is_file() and first["loram"]["align"]["steps"] == 2
+    assert not (d / "train" / "adapter_native").exists()  # nothing exported before training finished
     reporter = SilentReporter()
     done = run_recipe(r, base_dir=tmp_path, reporter=reporter, resume=True)
     assert not done["interrupted"] and done["stages"][-1]["steps"] == 4 and len(reporter.steps) == 2
-    assert "LoRAM prune: already done" in reporter.messages[0]
+    log = "\n".join(reporter.messages)
+    assert "LoRAM prune: already done" in log and "LoRAM align: already done" in log
+    native = json.loads((d / "train" / "adapter_native" / "slimtune_adapter.json").read_text())
+    assert native["base_model"] == str(d / "aligned")  # the adapter was trained on the aligned pruned model
     assert (d / "merged" / "model.safetensors").is_file() and done["loram"]["eval"]["merged"]["heldout"]
 
 
@@ -245,7 +255,8 @@ def test_stacked_stages_recover_and_merge_every_adapter(base, tmp_path):
     """stages base → merged: stage b trains on the pruned model with a's adapter merged (the merged pruned folder
     keeps loram.json); both adapters are recovered and added to the original."""
     data = {"sources": [{"path": str(udhr_path("eng")), "max_records": 10}], "format": "text", "max_seq_len": 32}
-    r = _recipe(tmp_path, base, quant={"mode": "none"}, train={"lr": 1e-2, "steps": 3, "micro_batch": 4, "fused": False},
+    r = _recipe(tmp_path, base, quant={"mode": "none"},
+                train={"lr": 1e-2, "steps": 3, "micro_batch": 4, "fused": False},
                 stages=[{"name": "a", "start_from": "base", "data": data}, {"name": "b", "start_from": "merged"}])
     d = Path(run_recipe(r, base_dir=tmp_path)["run_dir"])
     assert (d / "train" / "stages" / "a" / "merged" / "loram.json").is_file()
@@ -285,7 +296,8 @@ def test_estimate_sizes_the_pruned_model():
     # ratio 0 = the plain estimate (up to the first-layer norm approximation)
     for ckpt in ("none", "full", "offload"):
         plain = estimate(cfg, quant="nf4", grad_checkpointing=ckpt, seq_len=64)
-        same = estimate_loram(cfg, ratio=0.0, keep_first=2, keep_last=1, quant="nf4", grad_checkpointing=ckpt, seq_len=64)
+        same = estimate_loram(cfg, ratio=0.0, keep_first=2, keep_last=1, quant="nf4", grad_checkpointing=ckpt,
+                              seq_len=64)
         assert abs(same.total_bytes - plain.total_bytes) <= 2 * 64 * 64 * 4, ckpt
     # the 70B recipe: the estimator sizes the pruned model (weights ~ the paper's reduction)
     paper = load_recipe(RECIPES / "loram_llama31_70b_gsm8k.yaml")
