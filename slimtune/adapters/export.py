@@ -36,11 +36,16 @@ def _adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _saved_modules(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
     for mod_name in names:
         for n, m in model.named_modules():
             if n == mod_name or n.endswith("." + mod_name):
                 for pn, p in m.named_parameters():
-                    state[f"{n}.{pn}"] = p.detach().cpu().contiguous()
+                    t = p.detach().cpu().contiguous()
+                    # tied weights (embed_tokens and lm_head of a tied model) are one parameter: safetensors refuses
+                    # shared storage, so the second name gets its own copy (loading writes both into the one tensor)
+                    state[f"{n}.{pn}"] = t.clone() if id(p) in seen else t
+                    seen.add(id(p))
     return state
 
 

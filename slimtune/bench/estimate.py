@@ -782,7 +782,8 @@ def estimate_recipe_stages(recipe: Any, gpu_mem_gib: float | None = 24.0) -> lis
     except ModelError:
         raise
     except Exception as err:  # a GGUF/JSON reader failing on a malformed file: one line, not a traceback
-        raise ModelError(f"model.name: {recipe.model.name}: cannot read its config ({type(err).__name__}: {err})") from None
+        why = f"{type(err).__name__}: {err}"
+        raise ModelError(f"model.name: {recipe.model.name}: cannot read its config ({why})") from None
     from slimtune.loram.estimate import estimate_loram, recipe_loram_layout
 
     loram = recipe_loram_layout(recipe)  # LoRAM: the training-time peak is the pruned model's
@@ -806,7 +807,8 @@ def estimate_recipe_stages(recipe: Any, gpu_mem_gib: float | None = 24.0) -> lis
             if kind not in ADAPTER_KINDS:
                 kind = "lora"
             if a.modules_to_save:
-                notes.append(f"modules_to_save {', '.join(a.modules_to_save)} train in full (counted in adapter params)")
+                notes.append(f"modules_to_save {', '.join(a.modules_to_save)} train in full "
+                             "(counted in adapter params)")
         if a.kind != kind and a.kind in _KIND_AS:
             notes.append(f"{a.kind}: sized as {kind} at uniform rank {a.rank} (the per-module ranks depend on the "
                          "weights' spectrum; the total budget is the same)")
@@ -822,6 +824,8 @@ def estimate_recipe_stages(recipe: Any, gpu_mem_gib: float | None = 24.0) -> lis
         est.model = recipe.model.name + ("" if loram is None else f" pruned at ratio {loram['ratio']:g} (LoRAM)")
         est.notes.extend(notes)
         out.append((stage.name, est))
+    if not out:
+        raise SlimtuneError(f"{recipe.name or 'recipe'}: no training stage to estimate")
     return out
 
 

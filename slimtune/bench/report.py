@@ -63,7 +63,7 @@ def markdown(result: dict[str, Any]) -> str:
     cols = [f"{ph} ({_mem_label(result)})" for ph in PHASES]
     if cuda:
         cols += ["reserved peak, MiB"]
-    cols += ["tokens/s", "saved B / token / layer", "activation kept, MiB"]
+    cols += ["tokens/s", "saved B / token / layer", "activation kept, MiB", "kept by the whole step, MiB"]
     cols += ["max context (measured)" if cuda else "max context (estimate)"]
     lines += ["| tool | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
     for tool in TOOLS:
@@ -77,6 +77,7 @@ def markdown(result: dict[str, Any]) -> str:
             "OOM" if t.get("oom") else _num(t.get("tokens_per_second"), "{:,.1f}"),
             _num(t.get("saved_bytes_per_token_per_layer"), "{:,.1f}"),
             _mib(t["activation"]["measured"]["total"], 2),
+            _mib(t.get("saved_bytes_step"), 2),
             _num(t["max_context"].get("measured") if cuda else t["max_context"].get("estimated")),
         ]
         lines.append(f"| {LABELS[tool]} | " + " | ".join(cells) + " |")
@@ -88,7 +89,7 @@ def markdown(result: dict[str, Any]) -> str:
             b_res = max((p.get("reserved_bytes", 0) for p in tools["baseline"]["phases"].values()), default=0)
             cells.append(_ratio(s_res / b_res if b_res else None))
         cells += [_ratio(r.get("tokens_per_second")), _ratio(r.get("saved_bytes_per_token_per_layer")),
-                  _ratio(r.get("activation_measured")),
+                  _ratio(r.get("activation_measured")), _ratio(r.get("saved_bytes_step")),
                   _ratio(r.get("max_context_measured") if cuda else r.get("max_context_estimated"))]
         lines.append("| ratio slimtune / baseline | " + " | ".join(cells) + " |")
     lines += [
@@ -100,7 +101,9 @@ def markdown(result: dict[str, Any]) -> str:
             "model was built; both tools run in one process, one after the other."),
         "tokens/s: median over the steps after warm-up. Saved bytes: `saved_tensors_hooks`, one decoder layer "
         "without checkpointing (parameters and the shared rotary cos/sin excluded). Activation kept: what autograd "
-        "keeps through the decoder in the tool's checkpointing mode (device + host, plus one recomputed layer).",
+        "keeps through the decoder in the tool's checkpointing mode (device + host, plus one recomputed layer). "
+        "Kept by the whole step: the same for a forward with the loss (HF: the fp32 log-softmax of the (T, V) "
+        "logits; slimtune's chunked loss keeps dx), without the recomputed layer.",
         "",
     ]
     # ---- estimate vs measured --------------------------------------------------------------------------------
@@ -162,7 +165,8 @@ def markdown(result: dict[str, Any]) -> str:
     if fuse:
         lines += ["## slimtune fused path", ""] + [f"- {ln}" for ln in fuse] + [""]
     lines += ["## Environment", ""]
-    for k in ("device_name", "torch", "triton", "bitsandbytes", "transformers", "peft", "python", "cuda", "git_sha"):
+    for k in ("device_name", "torch", "triton", "bitsandbytes", "transformers", "peft", "python", "cuda", "git_sha",
+              "load_average_1min"):
         if env.get(k) is not None:
             lines.append(f"- {k}: {env[k]}")
     lines.append(f"- command: `slimtune bench {' '.join(result['command']['argv'])}`")

@@ -198,7 +198,7 @@ def random_base(config, *, device: torch.device, dtype: torch.dtype, quant: str 
             elif name.endswith("bias"):
                 p.zero_()
             else:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(std))
+                p.normal_(0.0, std, generator=gen)
     # non-persistent buffers (rotary inv_freq) are lost by to_empty: rebuild the modules that own them
     for name, module in list(model.named_modules()):
         if name.endswith("rotary_emb"):
@@ -216,8 +216,8 @@ def random_base(config, *, device: torch.device, dtype: torch.dtype, quant: str 
     return model
 
 
-def build_slimtune(config, cfg: BenchConfig, *, device: torch.device, dtype: torch.dtype, targets: tuple[str, ...],
-                   log: Log | None = None) -> tuple[nn.Module, list[str]]:
+def build_slimtune(config, cfg: BenchConfig, *, device: torch.device, dtype: torch.dtype, targets: tuple[str, ...]
+                   ) -> tuple[nn.Module, list[str]]:
     """The slimtune side: NF4 base, slimtune adapters, fused kernels, chunked CE, ``cfg.checkpointing``."""
     from slimtune.adapters.base import get_adapter_class
     from slimtune.adapters.inject import inject
@@ -474,8 +474,8 @@ def measure_activation_term(model: nn.Module, ids: torch.Tensor, mode: str, *,
     * ``host_saved``: the layer inputs ``save_on_cpu`` keeps (``offload`` only), see :func:`recording_offload`;
     * ``recompute_layer`` (``full`` / ``offload``): what one layer saves while it is recomputed in backward
       (:func:`measure_layer` on the last layer): the checkpointed layers' activations exist one layer at a time;
-    * ``shared_inputs`` (``full`` / ``offload``): the rotary cos/sin the checkpointed layers hold for their
-      recompute (kept alive until backward, counted once).
+    * ``shared_inputs`` (``full`` / ``offload``): the rotary cos/sin and position ids the checkpointed layers
+      hold for their recompute (kept alive until backward, counted once).
 
     ``total`` is their sum: the quantity the estimator's activation term models (layer inputs + activations,
     with the offloaded inputs counted in host memory). ``layer``: a :func:`measure_layer` result already taken on
@@ -720,13 +720,15 @@ def _saved_figures(side: _Side, est: Estimate, out: dict[str, Any]) -> None:
         layer = measure_layer(side.model, ids)
         per_layer = layer["saved"]
         measured = measure_activation_term(side.model, ids, side.mode, layer=layer)
+        step = measure_step_saved(side, ids)
     except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
         if not _is_oom(err):
             raise
-        per_layer, measured = None, {"total": None}
+        per_layer, measured, step = None, {"total": None}, None
     _free(side.device)
     layer_per_token = None if per_layer is None else round(per_layer / tokens, 2)
     out["saved_bytes_per_token_per_layer"] = layer_per_token
+    out["saved_bytes_step"] = step
     out["activation"] = {
         "mode": side.mode, "tokens": tokens, "measured": measured, "estimated": predicted,
         "gap_pct": gap_pct(predicted["total"], measured["total"] or 0),
@@ -740,6 +742,14 @@ def _saved_figures(side: _Side, est: Estimate, out: dict[str, Any]) -> None:
         peak = max(p.get("allocated_bytes", 0) for p in out["phases"].values())
         out["estimate"]["peak_allocated_bytes"] = peak
         out["estimate"]["peak_gap_pct"] = gap_pct(est.total_bytes - est.cuda_context_bytes, peak)
+
+
+def measure_step_saved(side: _Side, ids: torch.Tensor) -> int:
+    """Bytes kept for backward by a whole forward with the loss (device + offloaded host memory): the decoder in
+    the tool's checkpointing mode plus what the loss keeps (HF: the (T, V) logits' log-softmax; slimtune: dx)."""
+    with recording_offload() as host:
+        r = saved_bytes(lambda: side.loss_fn(side.model, ids), modules=[side.model])
+    return r.activation_bytes + int(host["bytes"])
 
 
 def _sweep(side: _Side, out: dict[str, Any], log: Log) -> list[dict[str, Any]]:
@@ -996,6 +1006,7 @@ def ratios(tools: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     out["saved_bytes_per_token_per_layer"] = div(s.get("saved_bytes_per_token_per_layer"),
                                                  b.get("saved_bytes_per_token_per_layer"))
     out["activation_measured"] = div(s["activation"]["measured"]["total"], b["activation"]["measured"]["total"])
+    out["saved_bytes_step"] = div(s.get("saved_bytes_step"), b.get("saved_bytes_step"))
     out["max_context_measured"] = div(s["max_context"].get("measured"), b["max_context"].get("measured"))
     out["max_context_estimated"] = div(s["max_context"].get("estimated"), b["max_context"].get("estimated"))
     return out

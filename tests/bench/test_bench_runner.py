@@ -54,6 +54,7 @@ def test_bench_cpu_writes_a_complete_report(tmp_path):
     assert abs(s["activation"]["gap_pct"]) <= 10.0, s["activation"]  # the target
     assert s["activation"]["per_token_per_layer"]["gap_pct"] == 0.0  # the fused item list is exact per layer
     assert s["saved_bytes_per_token_per_layer"] < b["saved_bytes_per_token_per_layer"]
+    assert 0 < s["saved_bytes_step"] < b["saved_bytes_step"]  # HF keeps the fp32 log-softmax of the logits
     assert s["losses"][0] == pytest.approx(b["losses"][0], rel=1e-3)  # same weights, same tokens, B = 0 at init
     assert data["ratios"]["tokens_per_second"] > 0
 

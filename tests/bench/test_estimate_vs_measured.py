@@ -96,4 +96,5 @@ def test_activation_term_within_10_percent(mode):
                                                              rank=RANK).values())
         assert measured["recompute_layer"] == per_layer * tokens
         head_dim = cfg.hidden_size // cfg.num_attention_heads
-        assert measured["shared_inputs"] == 2 * SEQ * head_dim * 4  # cos and sin, (1, T, head_dim) fp32
+        # cos and sin (1, T, head_dim) fp32, and the position ids (1, T) int64
+        assert measured["shared_inputs"] == 2 * SEQ * head_dim * 4 + SEQ * 8

@@ -84,3 +84,24 @@ def test_recipe_option_loads_the_new_tokenizer(tmp_path, tokenizers):
     again = load_model(cfg, QuantConfig(mode="none"), device="cpu")  # deterministic: a merge rebuilds the same
     torch.testing.assert_close(again.model.get_input_embeddings().weight,
                                loaded.model.get_input_embeddings().weight)
+
+
+def test_tied_embeddings_trained_in_full_save_and_load(tmp_path, tokenizers):
+    """ChocoLlama's modules_to_save on a tied model (SmolLM2, Qwen2.5-3B): embed_tokens and lm_head are one tensor."""
+    from slimtune.adapters.export import export_peft, load_native, save_native
+    from slimtune.adapters.inject import inject
+    from slimtune.adapters.lora import LoRAConfig
+
+    old, new = tokenizers
+    model = _model(len(old), tied=True)
+    swap_tokenizer(model, old, new)
+    inject(model, LoRAConfig(kind="lora", rank=4, modules_to_save=["embed_tokens", "lm_head"]))
+    with torch.no_grad():
+        model.get_input_embeddings().weight.add_(1.0)
+    save_native(model, tmp_path / "native")
+    export_peft(model, tmp_path / "peft")
+    other = _model(len(old), tied=True)
+    swap_tokenizer(other, old, new)
+    load_native(other, tmp_path / "native")
+    torch.testing.assert_close(other.get_input_embeddings().weight, model.get_input_embeddings().weight)
+    assert other.get_output_embeddings().weight is other.get_input_embeddings().weight

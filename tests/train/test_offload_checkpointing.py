@@ -45,7 +45,7 @@ def _loss_and_grads(fused: bool, mode: str):
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert grads and all(g is not None for g in grads.values())
-    return float(loss), grads
+    return float(loss.detach()), grads
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["hf", "fused"])
