@@ -475,7 +475,7 @@ def compare(
     table.add_column("run", no_wrap=True)
     table.add_column("label", no_wrap=True)
     for m in comp.metrics:
-        table.add_column(f"{m} {'↓' if lower_is_better(m) else '↑'}", justify="right")
+        table.add_column(f"{m} {'↓' if lower_is_better(m) else '↑'}", justify="right", overflow="fold")
     for row in comp.rows:
         cells = []
         for m in comp.metrics:

@@ -108,7 +108,8 @@ def prepare_smoke_data(root: str | Path) -> Path:
         _write_jsonl(data_dir / "udhr_heldout" / f"{lang}.jsonl", held)
         eng = {r["article"]: r["text"] for r in records["eng"]}
         pairs = [(eng[r["article"]], r["text"]) for i, r in enumerate(recs)
-                 if not is_heldout(i) and r["article"] in eng and max(len(r["text"]), len(eng[r["article"]])) <= SFT_MAX_CHARS]
+                 if not is_heldout(i) and r["article"] in eng
+                 and max(len(r["text"]), len(eng[r["article"]])) <= SFT_MAX_CHARS]
         name = LANGUAGE_NAMES[lang]
         inst = []
         for en, xx in pairs:
@@ -127,8 +128,8 @@ def prepare_smoke_data(root: str | Path) -> Path:
     train_path, _ = generate(data_dir / "demo", n_train=96, n_test=16)
     demo = [json.loads(line) for line in train_path.read_text().splitlines() if line.strip()]
     _write_jsonl(data_dir / "demo" / "demo_chat.jsonl",
-                 [{"messages": [{"role": "user", "content": d["prompt"]}, {"role": "assistant", "content": d["answer"]}]}
-                  for d in demo])
+                 [{"messages": [{"role": "user", "content": d["prompt"]},
+                                {"role": "assistant", "content": d["answer"]}]} for d in demo])
     marker.write_text("ok\n")
     return data_dir
 
@@ -194,7 +195,8 @@ def _smoke_source(src: dict, fmt: str, data_dir: Path, plan: SmokePlan, where: s
 
 def _smoke_data(data: dict, prefix: str, data_dir: Path, plan: SmokePlan) -> None:
     fmt = data.get("format", "text")
-    srcs = [_smoke_source(s, fmt, data_dir, plan, f"{prefix}sources.{i}") for i, s in enumerate(data.get("sources") or [])]
+    srcs = [_smoke_source(s, fmt, data_dir, plan, f"{prefix}sources.{i}")
+            for i, s in enumerate(data.get("sources") or [])]
     plan.set(f"{prefix}sources", srcs)
     replay = data.get("replay")
     if isinstance(replay, dict) and replay.get("sources"):

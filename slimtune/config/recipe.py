@@ -3,7 +3,7 @@
 A recipe has the sections ``model``, ``quant``, ``adapter``, ``data``, ``train``, ``eval``, ``output`` and optional
 ``stages``: a list of partial recipes (each may override ``data``, ``adapter``, ``train``, ``eval``) run in order,
 each starting from the previous stage's merged model (``start_from: merged``) or continuing its adapter
-(``start_from: adapter``). Every section is a pydantic model with ``extra="forbid"``: an unknown key is an error
+(``start_from: adapter``); a stage's ``kind`` may also be ``merge``, ``eval`` or ``arithmetic`` (see StageConfig). Every section is a pydantic model with ``extra="forbid"``: an unknown key is an error
 naming its dotted path. Overrides on the command line use the same paths: ``--set train.lr=1e-4``.
 """
 

@@ -2,8 +2,8 @@
 
 Each run folder holds the ``eval.json`` its run wrote ({label: result}, labels in the order they were measured).
 By default a run contributes its last label (the final model, e.g. "after sft"); ``labels`` picks others (a run
-without any of them contributes no row), and ``all_labels`` takes every one. Columns are the metrics (BLEU, chrF, perplexity, exact match, in that order), the best
-value of each column is marked.
+without any of them contributes no row), and ``all_labels`` takes every one. Columns are the metrics (BLEU, chrF,
+perplexity, exact match, in that order); the best value of each column is marked.
 
     comp = compare_runs([Path("runs/sardinian_rslora"), Path("runs/sardinian_lora_r64")])
     print(render_markdown(comp))
@@ -127,5 +127,6 @@ def render_markdown(comp: Comparison) -> str:
                 text = f"**{text}**"
             cells.append(text)
         out.append(f"| {r.run} | {r.label} | " + " | ".join(cells) + " |")
-    out += ["", "↓ lower is better, ↑ higher is better; best of each column in bold. BLEU and chrF: sacrebleu, 0–100."]
+    out += ["", "↓ lower is better, ↑ higher is better; best of each column in bold. "
+                "BLEU and chrF: sacrebleu, 0–100."]
     return "\n".join(out) + "\n"

@@ -36,7 +36,8 @@ def runs(tmp_path):
 
 def test_compare_takes_the_last_label_and_marks_the_best(runs):
     comp = compare_runs(list(runs))
-    assert [(r.run, r.label) for r in comp.rows] == [("sardinian_rslora", "after sft"), ("sardinian_lora_r64", "after sft")]
+    assert [(r.run, r.label) for r in comp.rows] == [("sardinian_rslora", "after sft"),
+                                                     ("sardinian_lora_r64", "after sft")]
     assert comp.metrics == ["BLEU/en→sc", "chrF/en→sc", "perplexity/flores-srd"]
     assert comp.best("BLEU/en→sc") == pytest.approx(100) and comp.best("perplexity/flores-srd") == 6.5
     md = render_markdown(comp)
@@ -60,7 +61,9 @@ def test_compare_cli_prints_and_writes(tmp_path, runs):
     res = CliRunner().invoke(app, ["compare", str(runs[0]), str(runs[1]), "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert "sardinian_lora_r64" in res.output and "BLEU" in res.output and "100.00" in res.output
-    assert "| sardinian_lora_r64 | after sft |" in out.read_text() and "**6.50**" in out.read_text() and json.loads(out.with_suffix(".json").read_text())["rows"][1]["run"]
+    md = out.read_text()
+    assert "| sardinian_lora_r64 | after sft |" in md and "**6.50**" in md
+    assert json.loads(out.with_suffix(".json").read_text())["rows"][1]["run"] == "sardinian_lora_r64"
     bad = CliRunner().invoke(app, ["compare", str(tmp_path / "nope")])
     assert bad.exit_code == 2 and "no eval.json" in bad.output
 

@@ -92,7 +92,8 @@ def test_merge_eval_and_arithmetic_stages(tmp_path, base, made):
     result = runner.run_recipe(r, base_dir=tmp_path)
     assert made == ["a"] and [s["stage"] for s in result["stages"]] == ["a", "m", "e", "x"]
     st = tmp_path / "run" / "stages"
-    prev, out = load_file(st / "m" / "merged" / "model.safetensors"), load_file(st / "x" / "merged" / "model.safetensors")
+    prev = load_file(st / "m" / "merged" / "model.safetensors")
+    out = load_file(st / "x" / "merged" / "model.safetensors")
     b, i = load_file(base / "model.safetensors"), load_file(instruct / "model.safetensors")
     for key in ("model.layers.0.mlp.down_proj.weight", "model.embed_tokens.weight"):
         torch.testing.assert_close(out[key], prev[key] + 0.5 * (i[key] - b[key]), rtol=1e-5, atol=1e-6)
