@@ -13,19 +13,11 @@ import torch
 from slimtune.ops.dispatch import resolve_backend
 from slimtune.ops.linear_ce import ce_rows_ref
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - no triton on this platform: the torch path of the Function still runs
-    triton = None
-    tl = None
+import triton
+import triton.language as tl
 
 
-def _jit(fn):
-    return triton.jit(fn) if triton is not None else fn
-
-
-@_jit
+@triton.jit
 def _ce_rows_kernel(
     logits_ptr, targets_ptr, loss_ptr,
     stride_row, V, ignore_index,

@@ -15,19 +15,11 @@ import torch
 from slimtune.ops.dispatch import resolve_backend
 from slimtune.ops.rms_norm import rms_norm_backward_ref, rms_norm_forward_ref
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - no triton on this platform: the torch path of the Function still runs
-    triton = None
-    tl = None
+import triton
+import triton.language as tl
 
 
-def _jit(fn):
-    return triton.jit(fn) if triton is not None else fn
-
-
-@_jit
+@triton.jit
 def _rms_norm_fwd_kernel(
     x_ptr, w_ptr, y_ptr, rstd_ptr,
     stride_x, stride_y,
@@ -46,7 +38,7 @@ def _rms_norm_fwd_kernel(
     tl.store(rstd_ptr + row, rstd)
 
 
-@_jit
+@triton.jit
 def _rms_norm_bwd_kernel(
     dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_part_ptr,
     stride_dy, stride_x, stride_dx,

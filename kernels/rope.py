@@ -12,19 +12,11 @@ import torch
 from slimtune.ops.dispatch import resolve_backend
 from slimtune.ops.rope import rope_ref
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - no triton on this platform: the torch path of the Function still runs
-    triton = None
-    tl = None
+import triton
+import triton.language as tl
 
 
-def _jit(fn):
-    return triton.jit(fn) if triton is not None else fn
-
-
-@_jit
+@triton.jit
 def _rotate_heads(
     in_ptr, out_ptr,
     s_b, s_t, s_h, s_d, o_b, o_t, o_h, o_d,
@@ -49,7 +41,7 @@ def _rotate_heads(
     tl.store(dst + HALF * o_d, y2.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@_jit
+@triton.jit
 def _rope_kernel(
     q_ptr, qo_ptr, k_ptr, ko_ptr, cos_ptr, sin_ptr,
     q_sb, q_st, q_sh, q_sd, qo_sb, qo_st, qo_sh, qo_sd,

@@ -50,7 +50,7 @@ MAX_NEW_TOKENS = 16
 MAX_EVAL_BATCH = 4
 SFT_MAX_CHARS = 400  # translation exercises only from articles this short (both sides), to fit MAX_CHAT_SEQ
 
-# Names, ISO 639-1/3 and FLORES codes → the UDHR file of that language in shared/data/udhr.
+# Names, ISO 639-1/3 and FLORES codes → the UDHR file of that language in recipes/data/udhr (a copy of the shared UDHR set).
 LANG_ALIASES: dict[str, str] = {}
 for _code, _aliases in {
     "src": ("src", "sc", "srd", "sardinian", "sardu", "sard"),

@@ -9,14 +9,14 @@ Example (YAML)::
     eval:
       batch_size: 8
       perplexity:
-        - {path: ../shared/data/udhr/src.jsonl, field: text, max_seq_len: 512}
+        - {path: data/udhr/src.jsonl, field: text, max_seq_len: 512}
       translation:
         - direction: en→sc
           flores: {src_lang: eng_Latn, tgt_lang: srd_Latn, split: devtest}
           max_examples: 200
         - direction: en→sc (udhr)
-          src: {path: ../shared/data/udhr/eng.jsonl, id_field: article}
-          tgt: {path: ../shared/data/udhr/src.jsonl, id_field: article}
+          src: {path: data/udhr/eng.jsonl, id_field: article}
+          tgt: {path: data/udhr/src.jsonl, id_field: article}
       generations:
         prompts: ["Scrie unu contu curtzu in sardu."]
       exact_match:

@@ -116,14 +116,15 @@ def tiny_tokenizer(vocab_size: int = 512):
 
 
 def shared_data_dir() -> Path:
-    """The `shared/data` folder: $SLIMTUNE_SHARED_DATA (the data folder or the shared folder), else `../shared/data`
-    beside the repository root, else `shared/data` inside it."""
+    """The folder holding `udhr/`: $SLIMTUNE_SHARED_DATA (the data folder or the shared folder), else the copy in
+    `recipes/data`, else `../shared/data` beside the repository root, else `shared/data` inside it."""
     env = os.environ.get("SLIMTUNE_SHARED_DATA")
     candidates: list[Path] = []
     if env:
         candidates += [Path(env), Path(env) / "data"]
     repo_root = Path(__file__).resolve().parents[2]
-    candidates += [repo_root.parent / "shared" / "data", repo_root / "shared" / "data"]
+    # recipes/data ships a copy of the UDHR texts (MIT, see its LICENSE file) so recipes and tests are portable.
+    candidates += [repo_root / "recipes" / "data", repo_root.parent / "shared" / "data", repo_root / "shared" / "data"]
     for c in candidates:
         if (c / "udhr").is_dir():
             return c

@@ -4,31 +4,11 @@ import zlib
 
 import pytest
 import torch
+from kernel_helpers import rel as _rel
 import torch.nn.functional as F
 
 from slimtune.kernels.linear_ce import LinearCrossEntropyFunction, ce_rows_triton
 from slimtune.ops.linear_ce import ce_rows_ref, linear_cross_entropy
-
-
-@pytest.fixture
-def poisoned(monkeypatch):
-    """Uninitialised allocations come back NaN-filled: an output element a kernel fails to write stays NaN."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def _empty(*a, **k):
-        t = empty(*a, **k)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    def _empty_like(*a, **k):
-        t = empty_like(*a, **k)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", _empty)
-    monkeypatch.setattr(torch, "empty_like", _empty_like)
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def _case(T=37, H=200, V=301, seed=0):

@@ -4,30 +4,10 @@ import zlib
 
 import pytest
 import torch
+from kernel_helpers import rel as _rel
 
 from slimtune.kernels.rms_norm import RMSNormFunction, rms_norm_backward_triton, rms_norm_forward_triton
 from slimtune.ops.rms_norm import rms_norm, rms_norm_backward_ref, rms_norm_forward_ref
-
-
-@pytest.fixture
-def poisoned(monkeypatch):
-    """Uninitialised allocations come back NaN-filled: an output element a kernel fails to write stays NaN."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def _empty(*a, **k):
-        t = empty(*a, **k)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    def _empty_like(*a, **k):
-        t = empty_like(*a, **k)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", _empty)
-    monkeypatch.setattr(torch, "empty_like", _empty_like)
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def _truth(x, w, eps, dy):

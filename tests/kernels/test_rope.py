@@ -2,32 +2,12 @@
 
 import pytest
 import torch
+from kernel_helpers import rel as _rel
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from slimtune.kernels.rope import rope_triton
 from slimtune.ops.rope import rope, rope_ref
-
-
-@pytest.fixture
-def poisoned(monkeypatch):
-    """Uninitialised allocations come back NaN-filled: an output element a kernel fails to write stays NaN."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def _empty(*a, **k):
-        t = empty(*a, **k)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    def _empty_like(*a, **k):
-        t = empty_like(*a, **k)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", _empty)
-    monkeypatch.setattr(torch, "empty_like", _empty_like)
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def _cos_sin(B, T, HQ, HK, D, dtype):
