@@ -648,8 +648,25 @@ def _resume_value(argv: list[str]) -> list[str]:
     return out
 
 
-def main() -> None:
+def _quiet_third_party() -> None:
+    """The CLI shows its own progress: silence transformers' loading bars and info, and bitsandbytes' CPU notice
+    that an optional `kernels` hub package is absent (it is not needed)."""
+    import logging
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def main() -> None:
+    _quiet_third_party()
     sys.argv[1:] = _resume_value(sys.argv[1:])
     try:
         app()
