@@ -23,12 +23,20 @@ layers) cancels.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+import re
+import gc
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn as nn
+
+from slimtune.bench.baseline import hf_decoder
+from slimtune.bench.estimate import Estimate
 
 
 @dataclass
@@ -119,3 +127,273 @@ def per_token_per_layer(
     one = measure(layers).activation_bytes
     two = measure(2 * layers).activation_bytes
     return (two - one) / (layers * tokens)
+
+
+# --------------------------------------------------------------------------------------------- memory per phase
+
+
+def _proc_status(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            m = re.search(rf"^{field_name}:\s+(\d+)\s+kB", f.read(), re.M)
+    except OSError:
+        return None
+    return int(m.group(1)) * 1024 if m else None
+
+
+def current_rss() -> int:
+    """Resident set size of this process (bytes); 0 when /proc is not there."""
+    rss = _proc_status("VmRSS")
+    if rss is None:
+        try:
+            import psutil
+
+            return int(psutil.Process().memory_info().rss)
+        except Exception:  # pragma: no cover
+            return 0
+    return rss
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc ``malloc_trim``), so that RSS follows live memory."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _reset_rss_peak() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) to the current RSS. False when not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PhaseMeter:
+    """Peak memory per named phase, the max over every time the phase ran.
+
+    CUDA: ``reset_peak_memory_stats`` at the phase start, ``max_memory_allocated`` / ``max_memory_reserved`` at
+    its end. CPU: the peak RSS (VmHWM, reset at the phase start through ``/proc/self/clear_refs``; where that is
+    refused, a thread samples VmRSS every millisecond), after handing freed heap memory back to the OS.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peaks: dict[str, dict[str, int]] = {}
+        self.seconds: dict[str, float] = {}
+        self.method = "cuda" if device.type == "cuda" else ("vmhwm" if _reset_rss_peak() else "sampled")
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self._sync()
+        sampler = None
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.method == "vmhwm":
+            _trim_heap()
+            _reset_rss_peak()
+        else:
+            _trim_heap()
+            sampler = _RssSampler()
+            sampler.start()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+            if self.device.type == "cuda":
+                now = {"allocated_bytes": int(torch.cuda.max_memory_allocated(self.device)),
+                       "reserved_bytes": int(torch.cuda.max_memory_reserved(self.device))}
+            elif sampler is not None:
+                now = {"rss_peak_bytes": sampler.stop()}
+            else:
+                now = {"rss_peak_bytes": _proc_status("VmHWM") or current_rss()}
+            old = self.peaks.get(name, {})
+            self.peaks[name] = {k: max(v, old.get(k, 0)) for k, v in now.items()}
+
+
+class _RssSampler(threading.Thread):
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak = current_rss()
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(0.001):
+            self.peak = max(self.peak, current_rss())
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join()
+        return max(self.peak, current_rss())
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cpu":
+        _trim_heap()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------- saved bytes
+
+
+class _Stop(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def recording_offload() -> Iterator[dict[str, int]]:
+    """Count what ``torch.autograd.graph.save_on_cpu`` (offloaded checkpointing) keeps in host memory.
+
+    ``slimtune.train.checkpointing`` looks ``save_on_cpu`` up at every call, so a recording subclass is swapped in
+    for the duration: every tensor it packs is counted once per host storage (on CUDA each pack is a fresh pinned
+    copy of the tensor; on CPU the tensor itself, deduplicated by storage).
+    """
+    record = {"bytes": 0, "tensors": 0}
+    seen: set[int] = set()
+    original = torch.autograd.graph.save_on_cpu
+
+    class Recording(original):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            pack = self.pack_hook
+
+            def recording_pack(t: torch.Tensor):
+                out = pack(t)
+                host = out[1]
+                st = host.untyped_storage()
+                if st.data_ptr() not in seen:
+                    seen.add(st.data_ptr())
+                    record["bytes"] += st.nbytes()
+                    record["tensors"] += 1
+                return out
+
+            self.pack_hook = recording_pack
+
+    torch.autograd.graph.save_on_cpu = Recording
+    try:
+        yield record
+    finally:
+        torch.autograd.graph.save_on_cpu = original
+
+
+def measure_layer(model: nn.Module, ids: torch.Tensor, *, index: int = -1) -> dict[str, int]:
+    """What one decoder layer saves for backward on its real input, without checkpointing (bytes).
+
+    The layer's inputs are captured from a no-grad forward (a pre-hook), the hidden state is given
+    ``requires_grad`` (as for every layer after the first in training), and the layer runs once under
+    :func:`saved_bytes`. ``saved``: its own saved tensors, parameters excluded, and the tensors it receives from
+    the model (rotary cos/sin, masks) excluded too: they are computed once and shared by every layer;
+    ``shared_inputs``: those shared tensors (distinct storages). ``saved`` is also what a checkpointed layer holds
+    while it is recomputed in backward.
+    """
+    decoder = hf_decoder(model)
+    layer = decoder.layers[index]
+    captured: dict[str, Any] = {}
+
+    def grab(_module, args, kwargs):
+        captured["args"], captured["kwargs"] = args, kwargs
+        raise _Stop
+
+    handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            decoder(input_ids=ids, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    args, kwargs = list(captured["args"]), dict(captured["kwargs"])
+    hidden = args.pop(0) if args else kwargs.pop("hidden_states")
+    x = hidden.detach().clone().requires_grad_(True)
+    shared = nn.Module()
+    storages: dict[int, int] = {}
+    tensors = [t for v in list(args) + list(kwargs.values()) for t in (v if isinstance(v, (tuple, list)) else (v,))
+               if torch.is_tensor(t)]
+    for i, t in enumerate(tensors):
+        shared.register_buffer(f"t{i}", t, persistent=False)
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    was = getattr(layer, "gradient_checkpointing", False)
+    if was:
+        layer.gradient_checkpointing = False
+    try:
+        res = saved_bytes(lambda: layer(x, *args, **kwargs), modules=[model, shared])
+    finally:
+        if was:
+            layer.gradient_checkpointing = True
+    return {"saved": res.activation_bytes, "shared_inputs": sum(storages.values())}
+
+
+def layer_saved_bytes(model: nn.Module, ids: torch.Tensor, *, index: int = -1) -> int:
+    """``measure_layer(...)["saved"]``: bytes one decoder layer saves for backward (shared inputs excluded)."""
+    return measure_layer(model, ids, index=index)["saved"]
+
+
+def measure_activation_term(model: nn.Module, ids: torch.Tensor, mode: str, *,
+                            layer: dict[str, int] | None = None) -> dict[str, int]:
+    """What autograd keeps for backward through the decoder (layers + final norm), in checkpointing ``mode``.
+
+    * ``device_saved``: :func:`saved_bytes` around the decoder's forward. Without checkpointing that is every
+      layer's saved tensors (the shared rotary cos/sin among them, once); with ``full`` checkpointing it is what
+      ``checkpoint`` keeps (each layer's input) plus the final norm; with ``offload`` the layer inputs go to
+      ``save_on_cpu`` instead (its hooks are innermost, so they never reach the outer counting hook) and only the
+      final norm stays;
+    * ``host_saved``: the layer inputs ``save_on_cpu`` keeps (``offload`` only), see :func:`recording_offload`;
+    * ``recompute_layer`` (``full`` / ``offload``): what one layer saves while it is recomputed in backward
+      (:func:`measure_layer` on the last layer): the checkpointed layers' activations exist one layer at a time;
+    * ``shared_inputs`` (``full`` / ``offload``): the rotary cos/sin and position ids the checkpointed layers
+      hold for their recompute (kept alive until backward, counted once).
+
+    ``total`` is their sum: the quantity the estimator's activation term models (layer inputs + activations,
+    with the offloaded inputs counted in host memory). ``layer``: a :func:`measure_layer` result already taken on
+    the same ``ids`` (not measured again).
+    """
+    decoder = hf_decoder(model)
+    with recording_offload() as host:
+        r = saved_bytes(lambda: decoder(input_ids=ids, use_cache=False).last_hidden_state, modules=[model])
+    out = {"device_saved": r.activation_bytes, "host_saved": int(host["bytes"]), "recompute_layer": 0,
+           "shared_inputs": 0}
+    if mode != "none":
+        layer = layer if layer is not None else measure_layer(model, ids)
+        out["recompute_layer"], out["shared_inputs"] = int(layer["saved"]), int(layer["shared_inputs"])
+    out["total"] = sum(out.values())
+    return out
+
+
+def estimated_activation_term(est: Estimate) -> dict[str, int]:
+    """The estimator's side of :func:`measure_activation_term` (bytes).
+
+    ``layer_inputs`` (checkpointed inputs kept on the device) + ``activations`` (every layer, or the one being
+    recomputed, with rope and the final norm) + ``offloaded`` (inputs in pinned host memory). With ``offload``
+    the estimator also reserves two layer inputs in flight on the GPU (copy-back buffers); they are transient
+    copies, not saved tensors, so they are reported apart (``in_flight``) and not compared here.
+    """
+    mode = est.inputs["grad_checkpointing"]
+    if mode == "offload":
+        out = {"layer_inputs": 0, "activations": est.activation_bytes, "offloaded": est.cpu_offload_bytes,
+               "in_flight": est.layer_input_bytes}
+    else:
+        out = {"layer_inputs": est.layer_input_bytes, "activations": est.activation_bytes, "offloaded": 0,
+               "in_flight": 0}
+    out["total"] = out["layer_inputs"] + out["activations"] + out["offloaded"]
+    return out
+
+
+def gap_pct(estimated: float, measured: float) -> float | None:
+    """(estimated − measured) / measured in %, rounded to 0.1 (None without a measurement)."""
+    if not measured:
+        return None
+    return round(100.0 * (estimated - measured) / measured, 1)

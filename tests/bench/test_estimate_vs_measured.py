@@ -18,13 +18,8 @@ import pytest
 import torch
 
 from slimtune.bench.estimate import activation_bytes_per_token_per_layer, estimate
-from slimtune.bench.runner import (
-    estimated_activation_term,
-    gap_pct,
-    layer_saved_bytes,
-    measure_activation_term,
-    random_tokens,
-)
+from slimtune.bench.memory import estimated_activation_term, gap_pct, layer_saved_bytes, measure_activation_term
+from slimtune.bench.runner import random_tokens
 
 LAYERS, RANK, BATCH, SEQ = 3, 8, 2, 32
 

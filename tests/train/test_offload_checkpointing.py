@@ -62,7 +62,7 @@ def test_offload_gives_the_same_gradients(fused):
 
 
 def test_offload_keeps_the_layer_inputs_on_the_host():
-    from slimtune.bench.runner import recording_offload
+    from slimtune.bench.memory import recording_offload
 
     model = _model(True, "offload")
     ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
