@@ -7,12 +7,12 @@ export onto a fresh base with the same logits; merge equals unmerged; unload giv
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from slimtune.adapters.base import dense_weight, get_adapter_class, registry
 from slimtune.adapters.export import export_peft, load_native, save_native
 from slimtune.adapters.inject import adapters_of, inject, merge, unload
-from slimtune.models.load import QuantConfig, prepare_loaded
+
+from adapter_helpers import tiny_base
 
 KINDS = sorted(registry())
 SEED_KINDS = {"lora", "rslora", "dora", "lamda", "lamda_pp", "slora", "nlora", "inttune"}
@@ -27,13 +27,7 @@ STARTS_ELSEWHERE = [("nlora", {"init": "as_released"})]  # reproduces public cod
 
 
 def make_model(quant="none", seed=0, layers=2):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        hidden_size=64, intermediate_size=136, num_attention_heads=4, num_key_value_heads=2,
-        num_hidden_layers=layers, vocab_size=300, tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(cfg).eval()
-    return prepare_loaded(model, None, QuantConfig(mode=quant), device=torch.device("cpu"), source="tiny").model
+    return tiny_base(quant, seed, layers)
 
 
 def cfg(kind, **kw):

@@ -6,23 +6,17 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from slimtune.adapters.base import dense_weight, get_adapter_class
 from slimtune.adapters.export import export_peft, load_native, save_native
 from slimtune.adapters.inject import inject
 from slimtune.adapters.lamda import allocate_ranks, effective_rank, top_right_singular_vectors
-from slimtune.models.load import QuantConfig, prepare_loaded
+
+from adapter_helpers import tiny_base
 
 
 def make_model(quant="none", seed=0, layers=1):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        hidden_size=64, intermediate_size=136, num_attention_heads=4, num_key_value_heads=2,
-        num_hidden_layers=layers, vocab_size=300, tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(cfg).eval()
-    return prepare_loaded(model, None, QuantConfig(mode=quant), device=torch.device("cpu"), source="tiny").model
+    return tiny_base(quant, seed, layers)
 
 
 def cfg(kind="lamda", **kw):

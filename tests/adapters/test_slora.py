@@ -5,25 +5,19 @@ import logging
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from slimtune.adapters.base import dense_weight, get_adapter_class
 from slimtune.adapters.export import export_peft
 from slimtune.adapters.inject import inject, unload
-from slimtune.models.load import QuantConfig, prepare_loaded
+
+from adapter_helpers import tiny_base
 
 Q = "model.layers.0.self_attn.q_proj"
 DOWN = "model.layers.0.mlp.down_proj"
 
 
 def make_model(quant="none", seed=0, layers=1):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        hidden_size=64, intermediate_size=136, num_attention_heads=4, num_key_value_heads=2,
-        num_hidden_layers=layers, vocab_size=300, tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(cfg).eval()
-    return prepare_loaded(model, None, QuantConfig(mode=quant), device=torch.device("cpu"), source="tiny").model
+    return tiny_base(quant, seed, layers)
 
 
 def cfg(kind, **kw):
