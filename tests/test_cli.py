@@ -1,7 +1,6 @@
 """The CLI: every command has --help; bad recipes exit 2 with one line; run → export → merge on a tiny model."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

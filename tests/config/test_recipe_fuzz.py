@@ -7,7 +7,6 @@ CLI (typer's CliRunner). The number of malformed recipes exercised is printed at
 
 from __future__ import annotations
 
-import copy
 import string
 from collections import Counter
 from pathlib import Path
