@@ -87,17 +87,22 @@ def is_4bit(layer: nn.Module) -> bool:
 def dense_weight(layer: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The base weight (out, in) as a dense tensor (dequantized for 4-bit layers). Never cached here.
 
-    For a dense layer already in ``dtype`` this is the weight itself (no copy): callers must not modify it.
+    For a dense layer already in ``dtype`` this is the weight itself (no copy): callers must not modify it. 4-bit
+    layers go through the same dequantization as the fused ops' reference (``slimtune.ops.nf4.dense_weight``:
+    bit-exact for every shape, bitsandbytes' native op where that is exact).
     """
     if is_4bit(layer):
-        import bitsandbytes.functional as bnbf
+        from slimtune.ops.nf4 import NF4Weight
+        from slimtune.ops.nf4 import dense_weight as dequantize
 
-        data, qs = layer.weight.data, layer.weight.quant_state
+        qs = layer.weight.quant_state
         if getattr(qs, "packing_format_for_cpu", False):  # bnb's CPU inference layout: back to canonical
-            data, qs = bnbf._convert_weight_packed_for_cpu_inverse(data, qs)
-            layer.weight.data, layer.weight.quant_state = data, qs
-        w = bnbf.dequantize_4bit(data, qs)
-        return w.to(dtype)
+            import bitsandbytes.functional as bnbf
+
+            layer.weight.data, layer.weight.quant_state = bnbf._convert_weight_packed_for_cpu_inverse(
+                layer.weight.data, qs
+            )
+        return dequantize(NF4Weight.from_params4bit(layer.weight), dtype)
     return layer.weight.detach().to(dtype)
 
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
 
-from slimtune.adapters.base import Adapter, AdapterConfig, dense_weight, get_adapter_class, is_4bit
+from slimtune.adapters.base import Adapter, AdapterConfig, get_adapter_class, is_4bit
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -118,10 +117,6 @@ def adapters_of(model: nn.Module) -> dict[str, Adapter]:
     return {n: m for n, m in model.named_modules() if isinstance(m, Adapter)}
 
 
-def trainable_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-    return ((n, p) for n, p in model.named_parameters() if p.requires_grad)
-
-
 def merge(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Replace every adapter by a dense nn.Linear holding the merged weight (4-bit bases are dequantized).
 
@@ -139,19 +134,6 @@ def merge(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
             if bias is not None:
                 lin.bias = nn.Parameter(bias.detach().to(out_dtype), requires_grad=False)
         _set_module(model, name, lin)
-    return model
-
-
-def dequantize_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Replace every remaining 4-bit linear by a dense nn.Linear (for saving a merged full model)."""
-    for name, module in list(model.named_modules()):
-        if is_linear(module) and is_4bit(module):
-            lin = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            with torch.no_grad():
-                lin.weight = nn.Parameter(dense_weight(module, dtype), requires_grad=False)
-                if module.bias is not None:
-                    lin.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
-            _set_module(model, name, lin)
     return model
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from slimtune.errors import SlimtuneError
+from slimtune.eval.runner import format_metric, lower_is_better
 
 _ORDER = ("BLEU/", "chrF/", "perplexity/", "exact_match/")
 
@@ -43,10 +44,6 @@ class Comparison:
     def to_json(self) -> dict[str, Any]:
         return {"metrics": self.metrics,
                 "rows": [{"run": r.run, "label": r.label, "metrics": r.metrics} for r in self.rows]}
-
-
-def lower_is_better(metric: str) -> bool:
-    return metric.startswith("perplexity/")
 
 
 def _finite(v: Any) -> bool:
@@ -101,14 +98,6 @@ def compare_runs(run_dirs: list[Path], *, labels: list[str] | None = None, all_l
     return comp
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "—"
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    return f"{v:.2f}"
-
-
 def render_markdown(comp: Comparison) -> str:
     """A Markdown table: one row per (run, label), one column per metric, best values in bold."""
     out = ["# Comparison", ""]
@@ -122,7 +111,7 @@ def render_markdown(comp: Comparison) -> str:
         cells = []
         for m in comp.metrics:
             v = r.metrics.get(m)
-            text = _fmt(v)
+            text = format_metric(v)
             if len(comp.rows) > 1 and _finite(v) and best[m] is not None and v == best[m]:
                 text = f"**{text}**"
             cells.append(text)

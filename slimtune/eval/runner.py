@@ -132,11 +132,16 @@ def run_eval(
 # ----------------------------------------------------------------------------------------------- report
 
 
+def lower_is_better(metric: str) -> bool:
+    """Perplexities improve downwards; BLEU, chrF and exact match upwards."""
+    return metric.startswith("perplexity/")
+
+
 def _better(metric: str) -> str:
-    return "↓" if metric.startswith("perplexity/") else "↑"
+    return "↓" if lower_is_better(metric) else "↑"
 
 
-def _fmt(value) -> str:
+def format_metric(value) -> str:
     if value is None:
         return "—"
     if isinstance(value, float) and not math.isfinite(value):
@@ -170,7 +175,7 @@ def render_markdown(results: dict[str, dict]) -> str:
         out += ["| metric | " + " | ".join(_cell(lb) for lb in labels) + " |"]
         out += ["|---|" + "---:|" * len(labels)]
         for m in rows:
-            cells = [_fmt(results[lb].get("metrics", {}).get(m)) for lb in labels]
+            cells = [format_metric(results[lb].get("metrics", {}).get(m)) for lb in labels]
             out += [f"| {_cell(m)} {_better(m)} | " + " | ".join(cells) + " |"]
         out += ["", "↓ lower is better, ↑ higher is better. BLEU and chrF: sacrebleu, 0–100; exact_match: % correct."]
     else:

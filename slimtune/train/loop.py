@@ -219,20 +219,20 @@ class Trainer:
         micro = [next(stream) for _ in range(r.grad_accum)]
         n_target = sum(count_target_tokens(b) for b in micro)
         n_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
-        total = 0.0
+        total = torch.zeros((), device=self.device)  # summed on the device: one host sync per step, not per micro
         for b in micro:
             b = {k: v.to(self.device) for k, v in b.items()}
             loss_sum = causal_lm_loss_sum(self.model, b)
             loss_sum = faults.maybe_corrupt_loss(loss_sum, self.pos.step + 1)
             (loss_sum / max(n_target, 1)).backward()
-            total += float(loss_sum.detach())
+            total += loss_sum.detach()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grads = [p.grad for p in params if p.grad is not None]
         if r.max_grad_norm > 0:
             gnorm = float(torch.nn.utils.clip_grad_norm_(params, r.max_grad_norm))
         else:
-            gnorm = float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads]))) if grads else 0.0
-        loss = total / max(n_target, 1)
+            grads = [p.grad.float().norm() for p in params if p.grad is not None]
+            gnorm = float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
+        loss = float(total) / max(n_target, 1)
         lr = self.optimizer.param_groups[0]["lr"] if self.optimizer.param_groups else 0.0
         skipped = False
         if not (math.isfinite(loss) and math.isfinite(gnorm)):

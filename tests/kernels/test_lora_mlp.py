@@ -5,56 +5,23 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import os
 
 import pytest
 import torch
 
-from slimtune.ops.lora_linear import LoRAProjection
 from slimtune.ops.lora_mlp import lora_mlp, lora_mlp_reference
-from slimtune.ops.nf4 import quantize_4bit
+from kernel_helpers import DEVICE, TOL, R, random_projection, rel
 
 kmlp = importlib.import_module("slimtune.kernels.lora_mlp")
 ref = importlib.import_module("slimtune.ops.lora_mlp")  # the module (slimtune.ops re-exports the function lora_mlp)
 rl = importlib.import_module("slimtune.ops.lora_linear")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-T, HID, INTER, R = 37, 200, 136, 7  # gate/up (136, 200), down (200, 136): 27200 values = 425 NF4 blocks
-TOL = {torch.float32: 2e-5 if INTERPRET else 5e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+T, HID, INTER = 37, 200, 136  # gate/up (136, 200), down (200, 136): 27200 values = 425 NF4 blocks
 NAMES = ("lora_A", "lora_B", "lora_M", "magnitude", "bias")
 
 
-def rel(a, b):
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all()
-    return ((a - b).norm() / b.norm()).item()
-
-
-def base(kind, out_f, in_f, seed, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    w = (torch.randn(out_f, in_f, generator=g) * 0.05).to(DEVICE)
-    return w.to(dtype) if kind == "dense" else quantize_4bit(w, double_quant=(kind == "nf4dq"))
-
-
-def proj(kind, out_f, in_f, seed, *, lora=True, M=False, dora=False, bias=False, frozen=(), wdtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-
-    def p(*shape, std=0.1, shift=0.0, name=""):
-        t = (torch.randn(*shape, generator=g) * std + shift).to(DEVICE)
-        if name == "magnitude":
-            t = t.abs()
-        return t.requires_grad_(name not in frozen)
-
-    return LoRAProjection(
-        base=base(kind, out_f, in_f, seed, wdtype),
-        bias=p(out_f, name="bias") if bias else None,
-        lora_A=p(R, in_f, name="lora_A") if lora else None,
-        lora_B=p(out_f, R, name="lora_B") if lora else None,
-        scale=1.3,
-        lora_M=p(R, R, std=0.3, shift=0.5, name="lora_M") if M else None,
-        magnitude=p(out_f, std=0.2, shift=1.0, name="magnitude") if dora else None,
-    )
+def proj(kind, out_f, in_f, seed, **kw):
+    return random_projection(kind, out_f, in_f, seed, scale=1.3, **kw)
 
 
 def grads_of(y, x, projs, dy):

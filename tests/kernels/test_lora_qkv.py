@@ -3,49 +3,20 @@ and X saved once."""
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-from slimtune.ops.lora_linear import LoRAProjection
 from slimtune.ops.lora_qkv import lora_qkv, lora_qkv_reference
-from slimtune.ops.nf4 import quantize_4bit
+from kernel_helpers import DEVICE, TOL, R, random_projection, rel
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-T, HID, R = 37, 200, 7
+T, HID = 37, 200
 Q_OUT, KV_OUT = 136, 72  # 136*200 and 72*200 are multiples of 64 (NF4 blocks)
-TOL = {torch.float32: 2e-5 if INTERPRET else 5e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 NAMES = ("lora_A", "lora_B", "lora_M", "magnitude", "bias")
 
 
-def rel(a, b):
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all()
-    return ((a - b).norm() / b.norm()).item()
-
-
-def proj(kind, out_f, seed, *, lora=True, M=False, dora=False, bias=False, frozen=(), wdtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    w = (torch.randn(out_f, HID, generator=g) * 0.05).to(DEVICE)
-    base = w.to(wdtype) if kind == "dense" else quantize_4bit(w, double_quant=(kind == "nf4dq"))
-
-    def p(*shape, std=0.1, shift=0.0, name=""):
-        t = (torch.randn(*shape, generator=g) * std + shift).to(DEVICE)
-        if name == "magnitude":
-            t = t.abs()
-        return t.requires_grad_(name not in frozen)
-
-    return LoRAProjection(
-        base=base,
-        bias=p(out_f, name="bias") if bias else None,
-        lora_A=p(R, HID, name="lora_A") if lora else None,
-        lora_B=p(out_f, R, name="lora_B") if lora else None,
-        scale=2.0,
-        lora_M=p(R, R, std=0.3, shift=0.5, name="lora_M") if M else None,
-        magnitude=p(out_f, std=0.2, shift=1.0, name="magnitude") if dora else None,
-    )
+def proj(kind, out_f, seed, **kw):
+    return random_projection(kind, out_f, HID, seed, scale=2.0, **kw)
 
 
 def check(q, k, v, dtype, backend, seed=0):

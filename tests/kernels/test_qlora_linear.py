@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import os
 
 import pytest
 import torch
@@ -14,19 +13,12 @@ from slimtune.errors import ModelError
 from slimtune.ops.lora_linear import LoRAProjection, lora_linear, lora_linear_reference, lora_projection
 from slimtune.ops.nf4 import quantize_4bit
 
+from kernel_helpers import DEVICE, TOL, R, rel
+
 ql = importlib.import_module("slimtune.kernels.qlora_linear")
 ref = importlib.import_module("slimtune.ops.lora_linear")  # the module (slimtune.ops re-exports the function)
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-T, IN, OUT, R = 37, 200, 136, 7
-TOL = {torch.float32: 2e-5 if INTERPRET else 5e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all()
-    return ((a - b).norm() / b.norm()).item()
+T, IN, OUT = 37, 200, 136
 
 
 def make_base(kind: str, seed: int, out_f: int = OUT, in_f: int = IN):

@@ -69,10 +69,9 @@ def cached_configs():
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_shipped_recipe_fits_24_gib(path, cached_configs):
-    estimate = pytest.importorskip("slimtune.bench.estimate")
-    if not hasattr(estimate, "estimate_for_recipe"):
-        pytest.skip("slimtune.bench.estimate.estimate_for_recipe not available")
-    est = estimate.estimate_for_recipe(load_recipe(path), 24)
+    from slimtune.bench.estimate import estimate_for_recipe
+
+    est = estimate_for_recipe(load_recipe(path), 24)
     assert est.total_bytes <= 24 * GiB, f"{path.name}: {est.total_bytes / GiB:.2f} GiB > 24 GiB"
 
 

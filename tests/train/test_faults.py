@@ -185,12 +185,9 @@ def test_oom_message_on_cuda_has_estimate_figures(tmp_path, tiny_model_dir, rel,
 
     import torch
 
-    from slimtune.bench import estimate
     from slimtune.config.recipe import load_recipe
     from slimtune.train import faults
 
-    if not hasattr(estimate, "estimate_for_recipe"):
-        pytest.skip("no estimate_for_recipe: the message names `slimtune estimate` only")
     recipe = load_recipe(rel.write_recipe(tmp_path / "r.yaml", rel.recipe(tiny_model_dir, tmp_path / "run")))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=8 << 30))
     line = faults._estimate_line(recipe, torch.device("cuda"))
