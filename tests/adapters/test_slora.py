@@ -62,7 +62,7 @@ def test_nlora_nystrom_init_and_residual_base():
     unload(model)
     for name, m in model.named_modules():
         if name in w:
-            torch.testing.assert_close(m.weight, w[name], atol=1e-6, rtol=0)  # unload adds the residual back
+            torch.testing.assert_close(m.weight, w[name], atol=4e-6, rtol=0)  # unload adds the residual back (W - sBNA + sBNA: fp32 rounding of the product, ~1e-6)
 
 
 def test_nlora_nf4_base_is_requantized_and_says_so(caplog):
