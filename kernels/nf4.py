@@ -6,19 +6,23 @@ transposed tile of dY W), it loads the packed bytes, picks the nibble, looks up 
 the block's absmax (itself decoded from its 8-bit code when double-quantized). The format is described in
 slimtune/ops/nf4.py, whose plain-torch `NF4Weight.dequantize` is the reference.
 
-`nf4_dequantize` (a standalone kernel writing the whole W) exists for tests and for one-off uses such as exporting;
-the training path never materialises W.
+`nf4_dequantize` (a standalone kernel writing the whole W) serves the tests and the "dequant" backend of
+slimtune/ops/gemm_dequant.py where bitsandbytes is not installed (it writes into that backend's reused buffer).
+
+Like every module of slimtune.kernels this one imports only torch and triton: the weight argument `w` is any
+object with the fields of `slimtune.ops.nf4.NF4Weight` (packed, code, absmax, nested, absmax_code, absmax_scale,
+absmax_offset, blocksize, absmax_blocksize, shape, dtype, device).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import triton
 import triton.language as tl
 
-from slimtune.ops.nf4 import NF4Weight
-
-__all__ = ["dequant_4bit", "nf4_pointer_args", "nf4_dequantize"]
+__all__ = ["dequant_4bit", "nf4_pointer_args", "nf4_dequantize", "COMPILE_VARIANTS"]
 
 
 @triton.jit
@@ -51,7 +55,7 @@ def dequant_4bit(
     return tl.where(mask, value * absmax, 0.0)
 
 
-def nf4_pointer_args(w: NF4Weight) -> tuple:
+def nf4_pointer_args(w) -> tuple:
     """(packed, code, absmax, absmax_code, absmax_scale, absmax_offset) tensors for a kernel launch.
 
     For a weight without double quant the last three are placeholders the kernel never reads.
@@ -89,16 +93,42 @@ def _dequantize_kernel(
     tl.store(out_ptr + flat, w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def nf4_dequantize(
-    w: NF4Weight, dtype: torch.dtype | None = None, *, out: torch.Tensor | None = None, block: int = 1024
-) -> torch.Tensor:
-    """W (out, in) dequantized by the Triton kernel (same values as `NF4Weight.dequantize`)."""
+DEQUANT_BLOCK = 1024  # values per program (untuned: no GPU)
+
+
+def nf4_dequantize(w, dtype: torch.dtype | None = None, *, out: torch.Tensor | None = None, block: int = DEQUANT_BLOCK):
+    """W (out, in) dequantized by the Triton kernel (same values as `NF4Weight.dequantize`), into `out` if given."""
     if out is None:
         out = torch.empty(w.shape, dtype=dtype or w.dtype, device=w.device)
     n = w.shape[0] * w.shape[1]
     if n:
-        _dequantize_kernel[(triton.cdiv(n, block),)](
-            *nf4_pointer_args(w), out, n, QBLOCK=w.blocksize, NESTED=w.nested, QBLOCK2=w.absmax_blocksize,
-            BLOCK=block,
-        )
+        with device_guard(out):
+            _dequantize_kernel[(triton.cdiv(n, block),)](
+                *nf4_pointer_args(w), out, n, QBLOCK=w.blocksize, NESTED=w.nested, QBLOCK2=w.absmax_blocksize,
+                BLOCK=block,
+            )
     return out
+
+
+def device_guard(t: torch.Tensor):
+    """`torch.cuda.device(t.device)` for a CUDA tensor (a launch goes to t's GPU, not the current one), else a no-op."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+# Kernel variants a training run launches (the compile matrix, tests/kernels/test_compile_matrix.py): the dequant
+# kernel is only used by the "dequant" backend without bitsandbytes; bf16 output, NF4 with and without double quant.
+COMPILE_VARIANTS = [
+    {
+        "name": f"nf4_dequantize[{'dq' if nested else 'nf4'}]",
+        "kernel": "_dequantize_kernel",
+        "signature": {
+            "packed_ptr": "*u8", "code_ptr": "*fp32", "absmax_ptr": "*u8" if nested else "*fp32",
+            "absmax_code_ptr": "*fp32", "absmax_scale_ptr": "*fp32", "absmax_offset_ptr": "*fp32",
+            "out_ptr": "*bf16", "n": "i64",
+        },
+        "constexprs": {"QBLOCK": 64, "NESTED": nested, "QBLOCK2": 256, "BLOCK": DEQUANT_BLOCK},
+        "num_warps": 4,
+        "num_stages": 2,
+    }
+    for nested in (False, True)
+]

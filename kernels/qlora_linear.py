@@ -1,6 +1,6 @@
-"""Triton: the QLoRA linear Y = X Wᵀ + s·(X Aᵀ Mᵀ) Bᵀ (+ DoRA scale, + bias) with W dequantized in registers.
+"""Triton: the base GEMMs of an adapted projection, Y = X Wᵀ + s·L R (+ DoRA scale, + bias), W dequantized in registers.
 
-Layout of this file (kernel -> launchers -> projection forward/backward -> autograd.Function):
+Layout of this file (kernels -> launchers -> the four Triton primitives):
 
 * `_qlora_gemm_kernel`: out (M, N) = A (M, K) @ Wop (K, N) where Wop[k, n] lives at flat index
   k·stride_wk + n·stride_wn of W (dense pointer or 4-bit NF4/FP4 codes, dequantized tile by tile inside the K loop,
@@ -8,35 +8,29 @@ Layout of this file (kernel -> launchers -> projection forward/backward -> autog
   transposed tile access). The epilogue adds the LoRA term lora_scale · L (M, R) @ Rm (R, N) (R = rank, small),
   then either scales columns (DoRA m/n) + bias + optional accumulate-into-out and stores, or (DMAG) reduces
   Σ_rows dY ⊙ acc into per-column partial sums for the DoRA magnitude gradient.
-* launchers `base_matmul`, `base_matmul_t`, `base_dmag`, `base_row_norm_sq`: same names and signatures as the
-  plain-torch pieces in slimtune/ops/lora_linear.py.
-* `projection_forward` / `projection_backward` / `projection_grad_input`: the math of one adapted projection on
-  either backend (LoRA dropout by a seed whose mask is regenerated in backward); the fused MLP (lora_mlp.py) and
-  q/k/v (lora_qkv.py) Functions are built from them.
-* `QLoRALinearFunction` + `qlora_linear(x, *, proj, backend)`.
+* the primitives `base_matmul`, `base_matmul_t`, `base_dmag`, `base_row_norm_sq`: same names and signatures as the
+  plain-torch ones in slimtune/ops/gemm_torch.py; the one autograd Function (slimtune/ops/lora_linear.py) receives
+  them through `slimtune.ops.dispatch.triton_module("qlora_linear")`.
 
-Operands are cast to x's dtype for tl.dot (fp32 accumulation); fp32 inputs, and bf16 under the interpreter (which
-computes bf16 wrongly), dot in fp32. Block sizes are launcher defaults (`DEFAULT_BLOCKS`; tests set smaller ones).
-Speed: untuned (no GPU).
+This module imports only torch, triton and slimtune.kernels: `base` is a dense (out, in) tensor or any object with
+the fields of `slimtune.ops.nf4.NF4Weight`. Every launch runs under a device guard (the tensor's GPU, not the current
+one). Operands are cast to x's dtype for tl.dot (fp32 accumulation); fp32 inputs, and bf16 under the interpreter
+(which computes bf16 wrongly), dot in fp32 at `torch.get_float32_matmul_precision()`. Block sizes are launcher
+defaults (`DEFAULT_BLOCKS`; tests set smaller ones). Speed: the audit in issue 12 estimates this GEMM 7–12x slower
+than dequant + cuBLAS at M = 8192 on an H100 (W is dequantized ceil(M/64) times); it can win only at small M, so
+`train.kernels: auto` measures it against the "dequant" backend (slimtune/ops/dispatch.py) before using it.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 import triton
 import triton.language as tl
 
-from slimtune.kernels.nf4 import dequant_4bit, nf4_pointer_args
-from slimtune.ops.lora_linear import LoRAProjection, dropout_mask
-from slimtune.ops.lora_linear import base_dmag as torch_base_dmag
-from slimtune.ops.lora_linear import base_matmul as torch_base_matmul
-from slimtune.ops.lora_linear import base_matmul_t as torch_base_matmul_t
-from slimtune.ops.lora_linear import base_row_norm_sq as torch_base_row_norm_sq
-from slimtune.ops.nf4 import NF4Weight
+from slimtune.kernels.nf4 import dequant_4bit, device_guard, nf4_pointer_args
 
 __all__ = [
     "GemmBlocks",
@@ -45,13 +39,6 @@ __all__ = [
     "base_matmul_t",
     "base_dmag",
     "base_row_norm_sq",
-    "backend_ops",
-    "dropout_seed",
-    "projection_forward",
-    "projection_backward",
-    "projection_grad_input",
-    "QLoRALinearFunction",
-    "qlora_linear",
 ]
 
 
@@ -70,6 +57,7 @@ class GemmBlocks:
 
 
 DEFAULT_BLOCKS = GemmBlocks()
+Base = torch.Tensor  # or an NF4Weight (slimtune.ops.nf4; duck-typed here: kernels do not import slimtune.ops)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -257,7 +245,7 @@ def _row_norm_sq_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# launchers (same names/signatures as the torch pieces in slimtune/ops/lora_linear.py)
+# launchers: the Triton primitives (same names/signatures as slimtune/ops/gemm_torch.py)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -274,17 +262,28 @@ def _dot_dtype(dtype: torch.dtype):
 
 
 def _dot_precision() -> str:
-    # fp32 operands follow torch's matmul setting (off by default: exact fp32; tf32 costs ~3e-4 relative)
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    """fp32 dots follow torch's CUDA matmul setting (exact fp32 by default; tf32 costs ~3e-4 relative).
+
+    Once the newer API (torch >= 2.9: `torch.backends[.cuda.matmul].fp32_precision`) has set it, both legacy reads,
+    `torch.backends.cuda.matmul.allow_tf32` and `torch.get_float32_matmul_precision()`, raise (torch 2.13, checked
+    in tests/kernels/test_qlora_linear.py); `fp32_precision` itself reads fine whichever API was used.
+    """
+    p = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if p in ("ieee", "tf32"):
+        return p
+    try:  # torch < 2.9, or "none" (inherited and never set): the legacy query is consistent then
+        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    except RuntimeError:
+        return "ieee"
 
 
 def _block(limit: int, size: int) -> int:
     return max(16, min(limit, triton.next_power_of_2(max(int(size), 1))))
 
 
-def _w_args(base: NF4Weight | torch.Tensor, dx: bool):
+def _w_args(base, dx: bool):
     """(pointer args, stride_wk, stride_wn, (W_4BIT, NESTED, QBLOCK, QBLOCK2)) for Wop = Wᵀ (forward) or W (dx)."""
-    if isinstance(base, NF4Weight):
+    if not isinstance(base, torch.Tensor):  # 4-bit: an NF4Weight (duck-typed)
         s_out, s_in = base.in_features, 1  # flat index o*in + i
         ptrs = nf4_pointer_args(base)
         meta = (True, base.nested, base.blocksize, base.absmax_blocksize)
@@ -299,7 +298,7 @@ def _w_args(base: NF4Weight | torch.Tensor, dx: bool):
 
 def _launch_gemm(
     a: torch.Tensor,
-    base: NF4Weight | torch.Tensor,
+    base: Base,
     *,
     dx: bool,
     out: torch.Tensor,
@@ -329,26 +328,27 @@ def _launch_gemm(
     right = lora_right if has_lora else dummy
     dy = dmag_dy if dmag_dy is not None else dummy
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    _qlora_gemm_kernel[grid](
-        a, *ptrs,
-        kscale if kscale is not None else dummy,
-        left, right,
-        colscale if colscale is not None else dummy,
-        bias if bias is not None else dummy,
-        dy, out,
-        m, n, k, r,
-        a.stride(0), a.stride(1), stride_wk, stride_wn,
-        left.stride(0) if has_lora else 0, left.stride(1) if has_lora else 0,
-        right.stride(0) if has_lora else 0, right.stride(1) if has_lora else 0,
-        dy.stride(0), dy.stride(1), out.stride(0), out.stride(1),
-        float(lora_scale),
-        W_4BIT=w4, NESTED=nested, QBLOCK=qblock, QBLOCK2=qblock2,
-        A_KSCALE=kscale is not None, HAS_LORA=has_lora, HAS_COLSCALE=colscale is not None,
-        HAS_BIAS=bias is not None, ACCUMULATE=accumulate, DMAG=dmag_dy is not None,
-        DOT_DTYPE=_dot_dtype(a.dtype), DOT_PRECISION=_dot_precision(),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=_block(64, r), GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
+    with device_guard(a):
+        _qlora_gemm_kernel[grid](
+            a, *ptrs,
+            kscale if kscale is not None else dummy,
+            left, right,
+            colscale if colscale is not None else dummy,
+            bias if bias is not None else dummy,
+            dy, out,
+            m, n, k, r,
+            a.stride(0), a.stride(1), stride_wk, stride_wn,
+            left.stride(0) if has_lora else 0, left.stride(1) if has_lora else 0,
+            right.stride(0) if has_lora else 0, right.stride(1) if has_lora else 0,
+            dy.stride(0), dy.stride(1), out.stride(0), out.stride(1),
+            float(lora_scale),
+            W_4BIT=w4, NESTED=nested, QBLOCK=qblock, QBLOCK2=qblock2,
+            A_KSCALE=kscale is not None, HAS_LORA=has_lora, HAS_COLSCALE=colscale is not None,
+            HAS_BIAS=bias is not None, ACCUMULATE=accumulate, DMAG=dmag_dy is not None,
+            DOT_DTYPE=_dot_dtype(a.dtype), DOT_PRECISION=_dot_precision(),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=_block(64, r), GROUP_M=cfg.group_m,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
 
 
 def _fp32(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -357,7 +357,7 @@ def _fp32(t: torch.Tensor | None) -> torch.Tensor | None:
 
 def base_matmul(
     x: torch.Tensor,
-    base: NF4Weight | torch.Tensor,
+    base: Base,
     *,
     lora_left: torch.Tensor | None = None,
     lora_right: torch.Tensor | None = None,
@@ -379,7 +379,7 @@ def base_matmul(
 
 def base_matmul_t(
     dy: torch.Tensor,
-    base: NF4Weight | torch.Tensor,
+    base: Base,
     *,
     out_scale: torch.Tensor | None = None,
     lora_left: torch.Tensor | None = None,
@@ -403,7 +403,7 @@ def base_matmul_t(
 def base_dmag(
     x: torch.Tensor,
     dy: torch.Tensor,
-    base: NF4Weight | torch.Tensor,
+    base: Base,
     *,
     lora_left: torch.Tensor | None = None,
     lora_right: torch.Tensor | None = None,
@@ -421,239 +421,23 @@ def base_dmag(
     return partial.sum(0)  # deterministic (no atomics)
 
 
-def base_row_norm_sq(base: NF4Weight | torch.Tensor) -> torch.Tensor:
+NORM_BLOCK_N, NORM_BLOCK_K = 16, 128  # rows x columns per program of _row_norm_sq_kernel (untuned: no GPU)
+
+
+def base_row_norm_sq(base: Base) -> torch.Tensor:
     """‖W_o‖² per output row, fp32 (out,), from the 4-bit codes directly."""
     n_out, n_in = base.shape
-    device = base.device
+    device = base.packed.device if not isinstance(base, torch.Tensor) else base.device
     out = torch.empty(n_out, dtype=torch.float32, device=device)
     ptrs, stride_wk, stride_wn, (w4, nested, qblock, qblock2) = _w_args(base, dx=False)
     # rows are the n axis here: stride of o is stride_wn, stride of i is stride_wk
-    bn, bk = 16, _block(128, n_in)
+    bn, bk = NORM_BLOCK_N, _block(NORM_BLOCK_K, n_in)
     if n_out:
-        _row_norm_sq_kernel[(triton.cdiv(n_out, bn),)](
-            *ptrs, out, n_out, n_in, stride_wn, stride_wk, W_4BIT=w4, NESTED=nested, QBLOCK=qblock,
-            QBLOCK2=qblock2, BLOCK_N=bn, BLOCK_K=bk,
-        )
+        with device_guard(out):
+            _row_norm_sq_kernel[(triton.cdiv(n_out, bn),)](
+                *ptrs, out, n_out, n_in, stride_wn, stride_wk, W_4BIT=w4, NESTED=nested, QBLOCK=qblock,
+                QBLOCK2=qblock2, BLOCK_N=bn, BLOCK_K=bk,
+            )
     return out
 
-
-TRITON_OPS = SimpleNamespace(
-    base_matmul=base_matmul, base_matmul_t=base_matmul_t, base_dmag=base_dmag, base_row_norm_sq=base_row_norm_sq
-)
-TORCH_OPS = SimpleNamespace(
-    base_matmul=torch_base_matmul,
-    base_matmul_t=torch_base_matmul_t,
-    base_dmag=torch_base_dmag,
-    base_row_norm_sq=torch_base_row_norm_sq,
-)
-
-
-def backend_ops(backend: str) -> SimpleNamespace:
-    """The four pieces for "triton" or "torch"; the Functions call nothing else that touches W."""
-    return TRITON_OPS if backend == "triton" else TORCH_OPS
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# one projection: forward / backward math shared by the linear, MLP and q/k/v Functions
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if t is None else t.to(dtype)
-
-
-def dora_norm(ops: SimpleNamespace, proj: LoRAProjection, lora_A, lora_B, lora_M) -> torch.Tensor:
-    """n = ‖W + s·B M A‖ per row (fp32, no grad) without materialising W:
-
-    n² = ‖W_o‖² + 2s·⟨B_o, (A' Wᵀ)ᵀ_o⟩ + s²·B_o (A' A'ᵀ) B_oᵀ,  A' = M A  (r, in); A' Wᵀ is an (r, out) GEMM.
-    """
-    with torch.no_grad():
-        wsq = proj.base_norm_sq if proj.base_norm_sq is not None else ops.base_row_norm_sq(proj.base)
-        wsq = wsq.float()
-        if lora_A is None:
-            return wsq.sqrt()
-        a = lora_A.float() if lora_M is None else lora_M.float() @ lora_A.float()
-        b = lora_B.float()
-        s = proj.scale
-        p = ops.base_matmul(a.contiguous(), proj.base)  # (r, out) fp32
-        cross = (b * p.T).sum(1)
-        quad = ((b @ (a @ a.T)) * b).sum(1)
-        return (wsq + 2.0 * s * cross + (s * s) * quad).clamp_min(0.0).sqrt()
-
-
-def dropout_seed(proj: LoRAProjection) -> int | None:
-    """A fresh seed for the projection's LoRA dropout mask (None without dropout or adapter).
-
-    Drawn from torch's default CPU generator (no device sync; reproducible under torch.manual_seed and resumable
-    from the saved RNG state); the (T, in) mask itself is regenerated from it in backward, never saved.
-    """
-    if proj.dropout <= 0.0 or proj.lora_A is None:
-        return None
-    return int(torch.randint(0, 2**62, (1,)).item())
-
-
-def _dropped(x: torch.Tensor, proj: LoRAProjection, seed: int) -> torch.Tensor:
-    """drop(x): a transient (T, in) copy."""
-    return dropout_mask(x.shape, proj.dropout, seed, device=x.device, dtype=x.dtype).mul_(x)
-
-
-def projection_forward(
-    ops: SimpleNamespace,
-    x: torch.Tensor,
-    proj: LoRAProjection,
-    factors: tuple,
-    *,
-    seed: int | None = None,
-    out: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """y (T, out) = the projection of x (T, in); also returns xa = drop(X) Aᵀ (T, r) and the DoRA norm n (out,).
-
-    `seed` (from `dropout_seed`) switches on LoRA dropout; pass the same seed to the backward functions.
-    """
-    lora_A, lora_B, lora_M, magnitude, bias = factors
-    dt = x.dtype
-    xa = xam = norm = scale_vec = None
-    if lora_A is not None:
-        xa = (x if seed is None else _dropped(x, proj, seed)) @ lora_A.to(dt).T
-        xam = xa if lora_M is None else xa @ lora_M.to(dt).T
-    if magnitude is not None:
-        norm = dora_norm(ops, proj, lora_A, lora_B, lora_M)
-        scale_vec = magnitude.float() / norm
-    y = ops.base_matmul(
-        x, proj.base, lora_left=xam, lora_right=None if lora_B is None else lora_B.to(dt).T,
-        lora_scale=proj.scale, out_scale=scale_vec, bias=bias, out=out,
-    )
-    return y, xa, norm
-
-
-def projection_backward(
-    ops: SimpleNamespace,
-    dy: torch.Tensor,
-    x: torch.Tensor | None,
-    proj: LoRAProjection,
-    factors: tuple,
-    xa: torch.Tensor | None,
-    norm: torch.Tensor | None,
-    *,
-    needs: tuple[bool, ...],
-    seed: int | None = None,
-) -> tuple[tuple, torch.Tensor | None]:
-    """Factor gradients (dA, dB, dM, dmag, dbias) of one projection, and G·M (T, r) for `projection_grad_input`.
-
-    `needs` = (x, A, B, M, mag, bias) flags. With c = m/n (DoRA) or 1, dz = dY·c, G = s·dz B (T, r),
-    xam = xa Mᵀ:  dB = s·dzᵀ xam,  dM = Gᵀ xa,  dA = (G M)ᵀ X,  dm = Σ_t dY ⊙ z / n,  dbias = Σ_t dY
-    (and dX = dz W + (G M) A in `projection_grad_input`). x is only read for dA and dm, so a caller may reuse x's
-    storage for dX after this returns.
-    """
-    need_x, need_a, need_b, need_m, need_mag, need_bias = needs
-    lora_A, lora_B, lora_M, magnitude, bias = factors
-    dt = dy.dtype
-    s = proj.scale
-    da = db = dm = dmag = dbias = gm = xam = b_c = None
-    c = None if magnitude is None else magnitude.float() / norm
-    if lora_A is not None:
-        b_c, m_c = lora_B.to(dt), _cast(lora_M, dt)
-        if need_b or need_mag:
-            xam = xa if m_c is None else xa @ m_c.T
-        if need_b:
-            dyt_xam = dy.T @ xam  # (out, r)
-            db = (dyt_xam.float() * (s if c is None else s * c[:, None])).to(lora_B.dtype)
-        if need_x or need_a or need_m:
-            b_eff = b_c if c is None else (b_c.float() * c[:, None]).to(dt)
-            g = (dy @ b_eff) * s  # (T, r)
-            if need_m:
-                dm = (g.T @ xa).to(lora_M.dtype)
-            gm = g if m_c is None else g @ m_c
-            if need_a:
-                da = (gm.T @ (x if seed is None else _dropped(x, proj, seed))).to(lora_A.dtype)
-    if need_mag:
-        zdy = ops.base_dmag(
-            x, dy, proj.base, lora_left=xam, lora_right=None if b_c is None else b_c.T, lora_scale=s
-        )
-        dmag = (zdy / norm).to(magnitude.dtype)
-    if need_bias:
-        dbias = dy.float().sum(0).to(bias.dtype)
-    return (da, db, dm, dmag, dbias), gm
-
-
-def projection_grad_input(
-    ops: SimpleNamespace,
-    dy: torch.Tensor,
-    proj: LoRAProjection,
-    factors: tuple,
-    norm: torch.Tensor | None,
-    gm: torch.Tensor | None,
-    *,
-    out: torch.Tensor | None = None,
-    accumulate: bool = False,
-    seed: int | None = None,
-) -> torch.Tensor:
-    """dX = (dY·c) W + (G M) A: one GEMM with W dequantized on the fly; into `out` (added when `accumulate`).
-
-    With dropout the adapter term is masked, ((G M) A) ⊙ mask, and added after the GEMM (untuned: no GPU).
-    """
-    lora_A, _, _, magnitude, _ = factors
-    c = None if magnitude is None else magnitude.float() / norm
-    a_c = None if gm is None else lora_A.to(dy.dtype)
-    if seed is None or gm is None:
-        return ops.base_matmul_t(
-            dy, proj.base, out_scale=c, lora_left=gm, lora_right=a_c, out=out, accumulate=accumulate
-        )
-    dx = ops.base_matmul_t(dy, proj.base, out_scale=c, out=out, accumulate=accumulate)
-    shape = (dy.shape[0], proj.shape[1])
-    return dx.addcmul_(gm @ a_c, dropout_mask(shape, proj.dropout, seed, device=dy.device, dtype=dy.dtype))
-
-
-def factor_needs(proj_factors: tuple, needs_input_grad: tuple[bool, ...]) -> tuple[bool, ...]:
-    """(A, B, M, mag, bias) grad flags: only for tensors that exist and need a gradient."""
-    return tuple(t is not None and bool(n) for t, n in zip(proj_factors, needs_input_grad, strict=True))
-
-
-def saved_for(factors: tuple, needs: tuple[bool, ...]) -> tuple[bool, bool]:
-    """(keep x, keep xa) for one projection, given its factor `needs`: x only for dA / dm; xa for dB / dM / dm."""
-    need_a, need_b, need_m, need_mag, _ = needs
-    keep_x = need_a or need_mag
-    keep_xa = factors[0] is not None and (need_b or need_m or need_mag)
-    return keep_x, keep_xa
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# autograd.Function
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class QLoRALinearFunction(torch.autograd.Function):
-    """y = proj(x) for x (T, in). Saves X (only when dA or dm is needed), X Aᵀ (T, r) and the DoRA norm (out,).
-
-    Inputs after (x, proj, backend) are the factors in `LoRAProjection.factors()` order (A, B, M, mag, bias).
-    """
-
-    @staticmethod
-    def forward(ctx, x, proj: LoRAProjection, backend: str, *factors):
-        ops = backend_ops(backend)
-        seed = dropout_seed(proj)
-        y, xa, norm = projection_forward(ops, x, proj, factors, seed=seed)
-        needs = factor_needs(factors, ctx.needs_input_grad[3:])
-        keep_x, keep_xa = saved_for(factors, needs)
-        ctx.proj, ctx.backend, ctx.needs, ctx.seed = proj, backend, needs, seed
-        ctx.save_for_backward(x if keep_x else None, xa if keep_xa else None, norm, *factors)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, xa, norm, *factors = ctx.saved_tensors
-        needs = (ctx.needs_input_grad[0], *ctx.needs)
-        ops, dy, factors = backend_ops(ctx.backend), dy.contiguous(), tuple(factors)
-        grads, gm = projection_backward(ops, dy, x, ctx.proj, factors, xa, norm, needs=needs, seed=ctx.seed)
-        dx = projection_grad_input(ops, dy, ctx.proj, factors, norm, gm, seed=ctx.seed) if needs[0] else None
-        return (dx, None, None, *grads)
-
-
-def qlora_linear(x: torch.Tensor, *, proj: LoRAProjection, backend: str = "triton") -> torch.Tensor:
-    """The QLoRA linear for a 2-D x (T, in) on the given backend ("triton" | "torch")."""
-    if x.dim() != 2:
-        raise ValueError(f"qlora_linear expects a 2-D (tokens, in) input, got shape {tuple(x.shape)}")
-    if x.shape[1] != proj.shape[1]:
-        raise ValueError(f"qlora_linear: input has {x.shape[1]} features, base weight expects {proj.shape[1]}")
-    return QLoRALinearFunction.apply(x, proj, backend, *proj.factors())
 

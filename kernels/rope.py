@@ -1,19 +1,21 @@
-"""RoPE: Triton kernel, launcher and the autograd Function (math in slimtune/ops/rope.py).
+"""RoPE: the Triton kernel, its launcher ``rope_triton`` (the Triton primitive of slimtune/ops/rope.py).
 
 One program per (batch, token): it loads that token's cos/sin once and rotates every head of q and of k. The
 same kernel runs the backward with ``BACKWARD=True`` (the transpose, a rotation by −θ). Inputs may be strided
-views; outputs may alias the inputs (in place). Saved for backward: cos and sin only.
+views; outputs may alias the inputs (in place). The math, the autograd Function (which saves cos and sin only) and
+the public op live in slimtune/ops/rope.py; this module imports only torch, triton and
+slimtune.kernels.
 """
 
 from __future__ import annotations
 
 import torch
-
-from slimtune.ops.dispatch import resolve_backend
-from slimtune.ops.rope import rope_ref
-
 import triton
 import triton.language as tl
+
+from slimtune.kernels.nf4 import device_guard
+
+__all__ = ["rope_triton", "COMPILE_VARIANTS"]
 
 
 @triton.jit
@@ -81,53 +83,46 @@ def rope_triton(
         cos, sin = cos.contiguous(), sin.contiguous()
     c_sb = 0 if cos.shape[0] == 1 else cos.stride(0)
     half = D // 2
-    _rope_kernel[(B * T,)](
-        q, q_out, k, k_out, cos, sin,
-        *q.stride(), *q_out.stride(), *k.stride(), *k_out.stride(),
-        c_sb, cos.stride(1), cos.stride(2),
-        T, HQ, HK, half,
-        BACKWARD=backward,
-        BLOCK_HQ=triton.next_power_of_2(HQ), BLOCK_HK=triton.next_power_of_2(HK),
+    with device_guard(q):
+        _rope_kernel[(B * T,)](
+            q, q_out, k, k_out, cos, sin,
+            *q.stride(), *q_out.stride(), *k.stride(), *k_out.stride(),
+            c_sb, cos.stride(1), cos.stride(2),
+            T, HQ, HK, half,
+            BACKWARD=backward, **_blocks(HQ, HK, half),
+            num_warps=4,
+        )
+
+
+def _blocks(hq: int, hk: int, half: int) -> dict[str, int]:
+    return dict(
+        BLOCK_HQ=triton.next_power_of_2(hq), BLOCK_HK=triton.next_power_of_2(hk),
         BLOCK_HALF=max(triton.next_power_of_2(half), 2),
-        num_warps=4,
     )
 
 
-def _heads(t: torch.Tensor, d: int) -> torch.Tensor:
-    """(B, T, H, D) as is, (B, T, H*D) viewed as (B, T, H, D)."""
-    return t if t.dim() == 4 else t.unflatten(-1, (t.shape[-1] // d, d))
+# ----------------------------------------------------------------------------------------------------------------
+# the launches a training run makes, for the AOT compile matrix (tests/kernels/test_compile_matrix.py): dicts with
+# name, kernel (attribute name), signature (runtime args), constexprs, num_warps, num_stages
+# ----------------------------------------------------------------------------------------------------------------
 
 
-class RoPEFunction(torch.autograd.Function):
-    """apply(q, k, cos, sin, head_dim, inplace, backend) -> (q_rot, k_rot). Saves cos and sin only."""
+def _compile_variants() -> list[dict]:
+    out = []
+    # (q heads, kv heads, head_dim): Llama-3.1-8B, Qwen2.5-3B, Gemma-2-9B, Gemma-3-4B, Phi-3-mini
+    for hq, hk, d in ((32, 8, 128), (16, 2, 128), (16, 8, 256), (8, 4, 256), (32, 32, 96)):
+        for act, trig in (("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp16")):
+            ints = [n for n in _rope_kernel.arg_names if n[0] in "qkc" and "_s" in n] + ["T", "HQ", "HK", "HALF"]
+            types = {n: "i32" for n in ints}
+            types |= {n: f"*{act}" for n in ("q_ptr", "qo_ptr", "k_ptr", "ko_ptr")}
+            types |= {"cos_ptr": f"*{trig}", "sin_ptr": f"*{trig}"}
+            for backward in (False, True):
+                cx = {"BACKWARD": backward, **_blocks(hq, hk, d // 2)}
+                out.append({
+                    "name": f"rope[{hq}/{hk}x{d},{act}/{trig},{'bwd' if backward else 'fwd'}]",
+                    "kernel": "_rope_kernel", "signature": types, "constexprs": cx, "num_warps": 4, "num_stages": 2,
+                })
+    return out
 
-    @staticmethod
-    def forward(ctx, q, k, cos, sin, head_dim: int, inplace: bool, backend: str | None):
-        impl = resolve_backend(q, backend)
-        q4, k4 = _heads(q, head_dim), _heads(k, head_dim)
-        q_out = q if inplace else torch.empty_like(q)
-        k_out = k if inplace else torch.empty_like(k)
-        qo4, ko4 = _heads(q_out, head_dim), _heads(k_out, head_dim)
-        if impl == "triton":
-            rope_triton(q4, k4, qo4, ko4, cos, sin, backward=False)
-        else:
-            qo4.copy_(rope_ref(q4, cos, sin))
-            ko4.copy_(rope_ref(k4, cos, sin))
-        if inplace:
-            ctx.mark_dirty(q, k)
-        ctx.save_for_backward(cos, sin)
-        ctx.impl, ctx.head_dim = impl, head_dim
-        return q_out, k_out
 
-    @staticmethod
-    def backward(ctx, dq, dk):
-        cos, sin = ctx.saved_tensors
-        d = ctx.head_dim
-        dq4, dk4 = _heads(dq, d), _heads(dk, d)
-        if ctx.impl == "triton":
-            dq_in, dk_in = torch.empty_like(dq), torch.empty_like(dk)
-            rope_triton(dq4, dk4, _heads(dq_in, d), _heads(dk_in, d), cos, sin, backward=True)
-        else:
-            dq_in = rope_ref(dq4, cos, sin, backward=True).view(dq.shape)
-            dk_in = rope_ref(dk4, cos, sin, backward=True).view(dk.shape)
-        return dq_in, dk_in, None, None, None, None, None
+COMPILE_VARIANTS: list[dict] = _compile_variants()

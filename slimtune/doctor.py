@@ -105,7 +105,7 @@ def diagnose() -> Report:
     if triton_err is not None:
         kernels, ok = f"no (triton: {triton_err})", False
     elif cuda_ok:
-        kernels, ok = "yes (Triton on CUDA)", True
+        kernels, ok = _cuda_kernels_line()
     elif interpret:
         kernels, ok = "yes, under the Triton interpreter (TRITON_INTERPRET=1; slow, for tests)", True
     else:
@@ -119,9 +119,17 @@ def diagnose() -> Report:
 
         from slimtune.ops.dispatch import get_backend, resolve_backend
 
+        from slimtune.ops.autotune import cache_path
+
         mode = get_backend()
         device = "cuda" if cuda_ok else "cpu"
-        picked = resolve_backend(torch.empty(0, device=device), mode)
+        if mode == "auto" and cuda_ok:
+            path = cache_path()
+            n = _cached_verdicts(path)
+            picked = (f"measured per op and shape at first use ({n} verdicts cached in {path}; "
+                      "`slimtune kernels dispatch` lists them)" if path else "measured per op and shape at first use")
+        else:
+            picked = resolve_backend(torch.empty(0, device=device), mode)
         rep.checks.append(Check("kernel backend", f"{mode} → {picked} (on {device})"))
     except Exception as e:  # noqa: BLE001 - e.g. SLIMTUNE_KERNELS=triton without a GPU
         rep.checks.append(Check("kernel backend", " ".join(str(e).split()), ok=False))
@@ -136,3 +144,25 @@ def diagnose() -> Report:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     rep.checks.append(Check("HF_HUB_OFFLINE", "1 (hub ids load from the local cache only)" if offline else "unset"))
     return rep
+
+
+def _cuda_kernels_line() -> tuple[str, bool]:
+    """The fused kernels on this GPU: Triton needs compute capability 8.0+ (older GPUs run dequant/torch)."""
+    import torch
+
+    from slimtune.ops.dispatch import MIN_TRITON_CAPABILITY
+
+    cap = torch.cuda.get_device_capability()
+    if cap < MIN_TRITON_CAPABILITY:
+        return f"Triton off on sm_{cap[0]}{cap[1]} (needs sm_80+); dequant + cuBLAS and torch run instead", True
+    return f"yes (Triton on sm_{cap[0]}{cap[1]}; `auto` measures it against dequant + cuBLAS)", True
+
+
+def _cached_verdicts(path) -> int:
+    import json
+
+    try:
+        data = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+    except (OSError, ValueError):
+        return 0
+    return sum(len(v) for v in data.values() if isinstance(v, dict))

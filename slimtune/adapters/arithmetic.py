@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 
 from slimtune.adapters.base import is_4bit
-from slimtune.adapters.inject import adapters_of, is_linear
+from slimtune.adapters.export import NATIVE_CONFIG, PEFT_CONFIG, load_native
+from slimtune.adapters.inject import adapters_of, is_linear, merge
 
 __all__ = ["apply_task_vector", "arithmetic_merge", "TensorSource"]
 
@@ -103,9 +104,6 @@ def apply_task_vector(
 
 
 def _load_adapter_and_merge(model: nn.Module, adapter_path: Path) -> nn.Module:
-    from slimtune.adapters.export import NATIVE_CONFIG, PEFT_CONFIG, load_native
-    from slimtune.adapters.inject import merge
-
     if (adapter_path / NATIVE_CONFIG).is_file():
         load_native(model, adapter_path)
         return merge(model)

@@ -23,6 +23,9 @@ import torch
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field
 
+from slimtune.ops.nf4 import NF4Weight
+from slimtune.ops.nf4 import dense_weight as dequantize
+
 # --------------------------------------------------------------------------------------------- configs
 
 
@@ -92,9 +95,6 @@ def dense_weight(layer: nn.Module, dtype: torch.dtype = torch.float32) -> torch.
     bit-exact for every shape, bitsandbytes' native op where that is exact).
     """
     if is_4bit(layer):
-        from slimtune.ops.nf4 import NF4Weight
-        from slimtune.ops.nf4 import dense_weight as dequantize
-
         qs = layer.weight.quant_state
         if getattr(qs, "packing_format_for_cpu", False):  # bnb's CPU inference layout: back to canonical
             import bitsandbytes.functional as bnbf
@@ -294,9 +294,25 @@ def get_adapter_class(kind: str) -> type[Adapter]:
     return reg[kind]
 
 
+_MODES: dict[str, type[AdapterConfig]] = {}
+
+
+def register_mode(config: type[AdapterConfig]) -> type[AdapterConfig]:
+    """Class decorator for a training mode that wraps no layer (``full``: the model's own weights train). Its
+    config joins the recipe's ``adapter:`` union; it is not an ``Adapter`` kind (no factors, no PEFT export)."""
+    _MODES[config.model_fields["kind"].default] = config
+    return config
+
+
+def modes() -> dict[str, type[AdapterConfig]]:
+    """Training modes that are not adapter kinds, by name."""
+    _discover()
+    return dict(sorted(_MODES.items()))
+
+
 def adapter_config_union() -> Any:
-    """A pydantic type: the union of every registered kind's config, discriminated by ``kind``."""
-    configs = tuple(cls.Config for cls in registry().values())
+    """A pydantic type: the union of every registered kind's config (and mode's), discriminated by ``kind``."""
+    configs = tuple(cls.Config for cls in registry().values()) + tuple(modes().values())
     if len(configs) == 1:
         return configs[0]
     return Annotated[Union[configs], Field(discriminator="kind")]  # noqa: UP007
@@ -305,3 +321,21 @@ def adapter_config_union() -> Any:
 def kaiming_uniform_(t: torch.Tensor) -> torch.Tensor:
     """PEFT's LoRA A init: kaiming-uniform with a = sqrt(5) over the fan-in (last dim)."""
     return nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+
+
+def cast_trainable(adapters: dict[str, Adapter] | list[Adapter], dtype: torch.dtype) -> int:
+    """Store every trainable adapter tensor in ``dtype`` (e.g. bf16: 2 B/value for the weight and its gradient;
+    the fp32 master copy then lives in the optimizer, ``slimtune.train.optim.MasterWeights``). Frozen tensors and
+    the base layer are untouched. Returns the number of values cast."""
+    n = 0
+    for a in adapters.values() if isinstance(adapters, dict) else adapters:
+        params = dict(a.named_parameters())
+        for name in a.trainable_names():
+            p = params[name]
+            if p.requires_grad and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+                n += p.numel()
+    if hasattr(adapters, "values"):
+        for a in adapters.values():
+            a.after_load()  # kinds that cache derived tensors rebuild them in the new dtype
+    return n

@@ -20,6 +20,13 @@ from slimtune.adapters.base import AdapterConfig, LowRank, PeftFactors, dense_we
 from slimtune.adapters.lora import LoRA
 
 
+def dora_merge(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """The DoRA merge, fp32: W' = (m / row-norm(W + ΔW)) · (W + ΔW). W (out, in), ΔW = s·B A (out, in), m (out,).
+    Used by the trained module (``merged_weight``) and by merges of PEFT DoRA files (slimtune.loram.pipeline)."""
+    w = weight.float() + delta.float()
+    return (magnitude.float() / w.norm(dim=1)).unsqueeze(1) * w
+
+
 class DoRAConfig(AdapterConfig):
     kind: Literal["dora"] = "dora"
 
@@ -69,8 +76,7 @@ class DoRA(LoRA):
         return y + (ratio - 1) * wx + ratio * lora
 
     def merged_weight(self) -> torch.Tensor:
-        w = dense_weight(self.base_layer) + self.delta_weight()
-        return (self.lora_magnitude.detach().float() / w.norm(dim=1)).unsqueeze(1) * w
+        return dora_merge(dense_weight(self.base_layer), self.delta_weight(), self.lora_magnitude.detach())
 
     def peft_factors(self) -> PeftFactors:
         f = super().peft_factors()

@@ -77,7 +77,7 @@ def load_native(model: nn.Module, path: str | Path, *, inject_if_missing: bool =
     adapters = adapters_of(model)
     if not adapters and inject_if_missing:
         cls = get_adapter_class(meta["kind"])
-        adapters = inject(model, cls.Config.model_validate(meta["config"]), module_meta=meta.get("modules"))
+        adapters = inject(model, cls.Config.model_validate(meta["config"]), module_meta=meta.get("modules"), init=False)
     state = load_file(str(path / NATIVE_WEIGHTS))
     own = {n: t for n, t in model.state_dict(keep_vars=True).items()}
     missing = []
@@ -97,8 +97,10 @@ def load_native(model: nn.Module, path: str | Path, *, inject_if_missing: bool =
     return adapters
 
 
-def export_peft(model: nn.Module, out_dir: str | Path, *, base_model_name_or_path: str | None = None) -> Path:
-    """Write the adapters in PEFT's LoRA format (see module docstring)."""
+def export_peft(model: nn.Module, out_dir: str | Path, *, base_model_name_or_path: str | None = None,
+                tokenizer: Any = None, metadata: dict | None = None) -> Path:
+    """Write the adapters in PEFT's LoRA format (see module docstring). ``tokenizer`` (with the chat template
+    used in training) is saved beside them; ``metadata`` goes to slimtune.json (e.g. the base's ``pkg:`` spec)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     adapters = adapters_of(model)
@@ -152,4 +154,8 @@ def export_peft(model: nn.Module, out_dir: str | Path, *, base_model_name_or_pat
     }
     save_file(tensors, str(out / PEFT_WEIGHTS))
     (out / PEFT_CONFIG).write_text(json.dumps(peft_config, indent=2))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    if metadata:
+        (out / "slimtune.json").write_text(json.dumps(metadata, indent=2))
     return out

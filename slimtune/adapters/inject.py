@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextvars
 import re
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -10,6 +12,26 @@ import torch.nn as nn
 from slimtune.adapters.base import Adapter, AdapterConfig, get_adapter_class, is_4bit
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_LOADING = contextvars.ContextVar("slimtune_adapter_loading", default=False)
+
+
+def loading_saved() -> bool:
+    """True while `inject` rebuilds adapters whose tensors are about to be loaded from a saved adapter.
+
+    A kind whose initialisation is expensive (LaMDA's SVD) or changes the base (NLoRA's residual) skips it then:
+    the saved tensors are the result of that initialisation, and recomputing it would cost minutes and could
+    differ from what was trained (a re-quantized base, another device's SVD).
+    """
+    return _LOADING.get()
+
+
+@contextmanager
+def _loading(active: bool):
+    token = _LOADING.set(active)
+    try:
+        yield
+    finally:
+        _LOADING.reset(token)
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -73,12 +95,13 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def inject(
-    model: nn.Module, config: AdapterConfig, *, module_meta: dict[str, dict] | None = None
+    model: nn.Module, config: AdapterConfig, *, module_meta: dict[str, dict] | None = None, init: bool = True,
 ) -> dict[str, Adapter]:
     """Freeze the model and wrap every targeted linear layer in an adapter of ``config.kind``.
 
     Returns the adapters by module name. ``config.modules_to_save`` modules (e.g. embed_tokens) are unfrozen.
-    ``module_meta`` (from a saved adapter) replaces the kind's ``plan`` so a load rebuilds the same shapes.
+    ``module_meta`` (from a saved adapter) replaces the kind's ``plan`` so a load rebuilds the same shapes;
+    ``init=False`` (a load: the saved tensors follow) lets kinds skip their initialisation (`loading_saved`).
     Raises ValueError when nothing matches (a typo in ``targets`` must not silently train nothing).
     """
     cls = get_adapter_class(config.kind)
@@ -89,11 +112,12 @@ def inject(
         raise ValueError(f"adapter.targets {config.targets!r} matched no linear layer of the decoder")
     facts = module_meta if module_meta is not None else cls.plan(model, names, config)
     adapters: dict[str, Adapter] = {}
-    for name in names:
-        base = model.get_submodule(name)
-        adapter = cls(base, config, name=name, **facts.get(name, {}))
-        _set_module(model, name, adapter)
-        adapters[name] = adapter
+    with _loading(not init):
+        for name in names:
+            base = model.get_submodule(name)
+            adapter = cls(base, config, name=name, **facts.get(name, {}))
+            _set_module(model, name, adapter)
+            adapters[name] = adapter
     prepare_adapters(adapters)
     for mod_name in config.modules_to_save:
         found = [m for n, m in model.named_modules() if n == mod_name or n.endswith("." + mod_name)]

@@ -29,6 +29,7 @@ import torch.nn as nn
 from pydantic import Field, model_validator
 
 from slimtune.adapters.base import Adapter, AdapterConfig, LowRank, dense_weight, kaiming_uniform_, register
+from slimtune.adapters.inject import loading_saved
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,9 @@ class LaMDA(Adapter):
             self._init_A()
 
     def _init_A(self) -> None:
+        if loading_saved():  # the saved A is this SVD's result: never recompute it on load (minutes on a 7B)
+            self.lora_A.zero_()
+            return
         if self.config.init == "random" or is_meta(self.base_layer):  # meta: shapes only (parameter counts)
             kaiming_uniform_(self.lora_A)
             return

@@ -2,7 +2,8 @@
 
     model = random_base(config, device=dev, dtype=torch.bfloat16)        # runner.py: same base as slimtune's
     model = build_baseline(model, kind="lora", rank=16, alpha=32, targets=PROJECTIONS)
-    loss = baseline_loss(model, ids)                                      # model(input_ids, labels=ids).loss
+    Trainer(recipe, run_dir, loaded=LoadedModel(model, ...), trainable="model", loss_fn=baseline_loss_sum)
+    # the bench trains it with slimtune's one loop; the loss is HF's model(input_ids, labels).loss
 
 What it is, piece by piece:
 
@@ -28,6 +29,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
+from slimtune.data.dataset import count_target_tokens
 from slimtune.errors import SlimtuneError
 
 #: Adapter kinds with a PEFT equivalent (a bench compares like with like).
@@ -63,9 +65,12 @@ def build_baseline(
     return peft_model
 
 
-def baseline_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-    """HF's own loss: ``model(input_ids, labels=labels).loss`` (labels default to the inputs)."""
-    return model(input_ids=input_ids, labels=input_ids if labels is None else labels, use_cache=False).loss
+def baseline_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """HF's loss as the summed token loss ``Trainer`` normalises: ``model(input_ids, labels, attention_mask).loss``
+    (the mean over the target tokens) times the number of target tokens."""
+    loss = model(input_ids=batch["input_ids"], labels=batch["labels"], attention_mask=batch["attention_mask"],
+                 use_cache=False).loss
+    return loss * count_target_tokens(batch)
 
 
 def hf_decoder(model: nn.Module) -> nn.Module:

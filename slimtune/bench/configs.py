@@ -12,8 +12,8 @@ The table holds the values of each model's published `config.json` (structure, R
 sliding-window fields of the Qwen2.5 configs are left out: `use_sliding_window` is false in all of them, so they
 change nothing (transformers then sets `sliding_window=None` and every layer to full attention).
 
-`parameter_counts(config)` counts every parameter of the decoder-only models slimtune trains (Llama, Mistral,
-Qwen2, Qwen3 layouts) exactly; tests check it against models built on the meta device.
+`parameter_counts(config)` counts every parameter of the decoder-only models slimtune trains (every family with an
+``ArchSpec``: shapes, biases and norms come from it) exactly; tests check it against models built on the meta device.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from slimtune.errors import ModelError
+from slimtune.models.arch import all_specs, known_model_types, spec_for
 
 # --------------------------------------------------------------------------------------------------------------
 # Published configs (values as in each repository's config.json)
@@ -167,6 +168,83 @@ SMOLLM2_135M = {
 
 _QWEN_INSTRUCT = {"eos_token_id": 151645}
 
+QWEN3_8B = {
+    "architectures": ["Qwen3ForCausalLM"],
+    "model_type": "qwen3",
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "hidden_size": 4096,
+    "intermediate_size": 12288,
+    "num_hidden_layers": 36,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 151936,
+    "max_position_embeddings": 40960,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000,
+    "rope_scaling": None,
+    "use_sliding_window": False,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+}
+
+GEMMA_2_2B = {
+    "architectures": ["Gemma2ForCausalLM"],
+    "model_type": "gemma2",
+    "hidden_activation": "gelu_pytorch_tanh",
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "attn_logit_softcapping": 50.0,
+    "final_logit_softcapping": 30.0,
+    "hidden_size": 2304,
+    "intermediate_size": 9216,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+    "vocab_size": 256000,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": True,
+    "torch_dtype": "float32",
+    "bos_token_id": 2,
+    "eos_token_id": 1,
+    "pad_token_id": 0,
+}
+
+PHI_3_MINI_4K = {
+    "architectures": ["Phi3ForCausalLM"],
+    "model_type": "phi3",
+    "hidden_act": "silu",
+    "attention_dropout": 0.0,
+    "embd_pdrop": 0.0,
+    "resid_pdrop": 0.0,
+    "hidden_size": 3072,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "vocab_size": 32064,
+    "max_position_embeddings": 4096,
+    "original_max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 10000.0,
+    "rope_scaling": None,
+    "sliding_window": 2047,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "bos_token_id": 1,
+    "eos_token_id": 32000,
+    "pad_token_id": 32000,
+}
+
 #: Canonical name -> config.json values. Keys are the repository names as published (without the org).
 BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
     "Llama-3.1-8B": LLAMA_3_1_8B,
@@ -182,6 +260,9 @@ BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
     "Qwen2.5-7B": QWEN2_5_7B,
     "Qwen2.5-7B-Instruct": {**QWEN2_5_7B, **_QWEN_INSTRUCT, "max_position_embeddings": 32768},
     "SmolLM2-135M": SMOLLM2_135M,
+    "Qwen3-8B": QWEN3_8B,
+    "gemma-2-2b": GEMMA_2_2B,
+    "Phi-3-mini-4k-instruct": PHI_3_MINI_4K,
     "SmolLM2-135M-Instruct": {**SMOLLM2_135M, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2},
 }
 
@@ -242,8 +323,14 @@ def _load_json_config(path: Path):
     return config_from_dict(values, source=str(path))
 
 
-# GGUF architecture name -> transformers model_type
-_GGUF_ARCH = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+def _gguf_archs() -> dict[str, str]:
+    """llama.cpp architecture name -> transformers model_type, from the families' ``gguf_arch`` (the first family
+    that claims a name wins: "llama" is Llama, whose layout Mistral checkpoints share)."""
+    out: dict[str, str] = {}
+    for model_type, spec in all_specs().items():
+        out.setdefault(spec.gguf_arch, spec.name)
+    out.setdefault("llama", "llama")
+    return out
 
 
 def _gguf_value(reader, key: str):
@@ -263,8 +350,9 @@ def config_from_gguf(path: str | os.PathLike):
     except Exception as err:
         raise ModelError(f"{path}: cannot read GGUF metadata ({type(err).__name__}: {err})") from None
     arch = _gguf_value(reader, "general.architecture")
-    if arch not in _GGUF_ARCH:
-        known = ", ".join(sorted(_GGUF_ARCH))
+    archs = _gguf_archs()
+    if arch not in archs:
+        known = ", ".join(sorted(archs))
         raise ModelError(f"{path}: GGUF architecture {arch!r} is not supported (known: {known})")
 
     def need(key: str):
@@ -283,7 +371,7 @@ def config_from_gguf(path: str | os.PathLike):
     hidden = int(need("embedding_length"))
     heads = int(need("attention.head_count"))
     values: dict[str, Any] = {
-        "model_type": _GGUF_ARCH[arch],
+        "model_type": archs[arch],
         "hidden_size": hidden,
         "intermediate_size": int(need("feed_forward_length")),
         "num_hidden_layers": int(need("block_count")),
@@ -297,6 +385,10 @@ def config_from_gguf(path: str | os.PathLike):
         "max_position_embeddings": ("context_length", int),
         "rms_norm_eps": ("attention.layer_norm_rms_epsilon", float),
         "rope_theta": ("rope.freq_base", float),
+        # Gemma 2/3 (absent elsewhere): the family's extras, as llama.cpp's converter writes them
+        "sliding_window": ("attention.sliding_window", int),
+        "attn_logit_softcapping": ("attn_logit_softcapping", float),
+        "final_logit_softcapping": ("final_logit_softcapping", float),
     }
     for name, (key, cast) in optional.items():
         value = _gguf_value(reader, f"{arch}.{key}")
@@ -357,74 +449,51 @@ def resolve_model_config(name_or_path: str | os.PathLike):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Shapes and exact parameter counts
+# Shapes and exact parameter counts (from the family's ArchSpec)
 # --------------------------------------------------------------------------------------------------------------
 
-#: Projection names in the order they run inside one decoder layer.
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+
+def _spec(config):
+    spec = spec_for(config)
+    if spec is None:
+        raise ModelError(f"model_type {getattr(config, 'model_type', None)!r}: parameter counts cover the registered "
+                         f"families only ({', '.join(known_model_types())})")
+    return spec
 
 
 def head_dim(config) -> int:
-    value = getattr(config, "head_dim", None)
-    return int(value) if value else config.hidden_size // config.num_attention_heads
-
-
-def _check_supported(config) -> None:
-    model_type = getattr(config, "model_type", None)
-    if model_type not in _SUPPORTED:
-        raise ModelError(
-            f"model_type {model_type!r}: parameter counts cover {', '.join(_SUPPORTED)} decoder layouts only"
-        )
+    return _spec(config).geometry(config).head_dim
 
 
 def linear_shapes(config) -> dict[str, tuple[int, int]]:
-    """(out_features, in_features) of each projection in one decoder layer."""
-    _check_supported(config)
-    hidden, inter, hd = config.hidden_size, config.intermediate_size, head_dim(config)
-    q_out, kv_out = config.num_attention_heads * hd, config.num_key_value_heads * hd
-    return {
-        "q_proj": (q_out, hidden),
-        "k_proj": (kv_out, hidden),
-        "v_proj": (kv_out, hidden),
-        "o_proj": (hidden, q_out),
-        "gate_proj": (inter, hidden),
-        "up_proj": (inter, hidden),
-        "down_proj": (hidden, inter),
-    }
+    """(out_features, in_features) of each linear module in one decoder layer (packed modules as one)."""
+    spec = _spec(config)
+    return spec.shapes(spec.geometry(config))
 
 
 def linear_has_bias(config) -> dict[str, bool]:
-    """Which projections carry a bias (Qwen2: q/k/v always; Llama: `attention_bias` / `mlp_bias`)."""
-    _check_supported(config)
-    model_type = config.model_type
-    if model_type == "qwen2":
-        attn = {"q_proj": True, "k_proj": True, "v_proj": True, "o_proj": False}
-        mlp = False
-    elif model_type == "mistral":
-        attn, mlp = dict.fromkeys(PROJECTIONS[:4], False), False
-    else:  # llama, qwen3
-        attn = dict.fromkeys(PROJECTIONS[:4], bool(getattr(config, "attention_bias", False)))
-        mlp = bool(getattr(config, "mlp_bias", False))
-    return {**attn, **dict.fromkeys(PROJECTIONS[4:], mlp)}
+    """Which linear modules carry a bias (the family's rule, e.g. Qwen2: q/k/v always)."""
+    return _spec(config).bias_map(config)
 
 
 def parameter_counts(config) -> dict[str, Any]:
     """Exact parameter counts by part. Tied embeddings count once (lm_head = 0)."""
-    shapes, bias = linear_shapes(config), linear_has_bias(config)
-    hidden, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    spec = _spec(config)
+    geo = spec.geometry(config)
+    shapes, bias = spec.shapes(geo), spec.bias_map(config)
+    hidden, layers, vocab = geo.hidden, geo.layers, geo.vocab
     per_layer: dict[str, int] = {}
     for name, (out_f, in_f) in shapes.items():
         per_layer[name] = out_f * in_f + (out_f if bias[name] else 0)
-    per_layer["input_layernorm"] = hidden
-    per_layer["post_attention_layernorm"] = hidden
-    if config.model_type == "qwen3":  # per-head RMSNorm on q and k
-        per_layer["q_norm"] = per_layer["k_norm"] = head_dim(config)
+    for norm, _ in spec.layer_norms:
+        per_layer[norm] = hidden
+    if spec.qk_norm:  # per-head RMSNorm on q and k
+        per_layer["q_norm"] = per_layer["k_norm"] = geo.head_dim
     linear_weights = sum(o * i for o, i in shapes.values())
     linear_bias = sum(o for name, (o, _) in shapes.items() if bias[name])
     per_layer_total = sum(per_layer.values())
     embed = vocab * hidden
-    lm_head = 0 if getattr(config, "tie_word_embeddings", False) else vocab * hidden
+    lm_head = 0 if spec.tied(config) else vocab * hidden
     counts = {
         "embed_tokens": embed,
         "lm_head": lm_head,

@@ -1,37 +1,55 @@
 """Peak GPU memory of a (Q)LoRA training step, from the model config alone, component by component.
 
-Every term is an explicit byte count; the ones that grow with the batch are linear in the number of tokens
-(micro_batch x seq_len), so the longest sequence that fits a memory cap is solved in closed form. The model:
+The estimate reads the real code (``slimtune.bench.inventory``): the model is built on the meta device, pruned by
+LoRAM's own ``prune_model`` for a LoRAM recipe, its adapters injected through the adapter registry and
+``fuse_model`` run on it, so shapes, adapter tensors and fused-vs-unfused are the trainer's; per-layer geometry and
+norms come from the family's ``ArchSpec``. Every term is an explicit byte count; the ones that grow with the batch
+are linear in the number of tokens (micro_batch x seq_len) — eager attention (Gemma 2) adds a term in
+tokens x seq_len — so the longest sequence that fits a memory cap is solved in closed form. The model:
 
 weights
     Linear weights of the decoder layers: compute dtype (quant "none") or 4-bit (nf4/fp4, bitsandbytes layout):
     two codes per byte, one absmax per block of 64; with double quant the absmax are uint8 codes with one fp32
     second-level absmax per 256 blocks and an fp32 offset, so 0.5 + 1/64 + 4/16384 = 0.5159 byte per parameter,
     plus per-weight code tables (16 fp32 NF4 codes, 256 fp32 second-level codes). Embeddings, lm_head (unless
-    `quantize_lm_head`), norms and biases stay in the compute dtype.
+    `quantize_lm_head`: then NF4 among the linear weights, a tied head as its own copy), norms and biases stay in the
+    compute dtype. `embeddings_on: cpu` moves the input table to (pinned) host memory (`host_bytes`; refused for a
+    tied dense head, as the trainer refuses it).
 adapter params / grads / optimizer
-    Trainable adapter tensors in `adapter_dtype` (fp32 by default: 4 B), their gradients (same dtype), AdamW's two
-    moments (2 x adapter dtype), 8-bit AdamW's two uint8 moments + one fp32 absmax per 256 values and moment
-    (bitsandbytes keeps tensors under 4,096 values in 32-bit state). Frozen adapter tensors (LaMDA's A,
-    IntTune's A and B) count as params only.
+    Every adapter tensor the injected adapters hold, in `adapter_dtype` (fp32 by default: 4 B); the trainable
+    ones also have gradients (same dtype) and AdamW's two moments (2 x adapter dtype), or 8-bit AdamW's two uint8
+    moments + one fp32 absmax per 256 values and moment (bitsandbytes keeps tensors under 4,096 values in 32-bit
+    state). Frozen adapter tensors (LaMDA's A and frozen B columns, IntTune's A and B) count as params only.
+    `adapter_dtype: bfloat16` or `optimizer_on: cpu` (slimtune.train.optim.MasterWeights): fp32 masters (4 B) plus
+    the inner optimizer's fp32 state, on the GPU (the same bytes as fp32 adapters: 2 + 2 + 4 = 4 + 4) or in host
+    memory (then the GPU holds only the adapter and its gradient).
+    modules_to_save train in full (counted with the adapters).
 activations
-    What autograd keeps for backward, per token per layer (see `activation_bytes_per_token_per_layer`), times the
+    What autograd keeps for backward, per token per layer (``slimtune.bench.activations``), summed over the
     layers that keep it: all of them without checkpointing; with `full` checkpointing each layer's input
     (hidden x compute dtype) plus one layer's full set while it is recomputed in backward; with `offload` the
     layer inputs live in pinned host memory (`cpu_offload_bytes`) and the GPU holds two layers' inputs (the one
     in use and the one being copied) plus the recomputed layer.
 logits / loss
-    Unfused (HF): the (T, V) logits in the compute dtype, the fp32 log-softmax saved by cross-entropy and one
+    Unfused (HF, ``fused: false``: the HF+PEFT baseline): the (T, V) logits in the compute dtype, the fp32
+    log-softmax saved by cross-entropy and one
     fp32 (T, V) transient (the upcast in forward, the gradient in backward), plus the int64 labels. Fused
     (slimtune.ops.linear_cross_entropy): dx (T, hidden) kept for backward, fp32 row losses, the labels, and one
     (chunk, V) logits buffer in the head's dtype (overwritten in place by its gradient); the default chunk follows
-    Liger's rule (about T / ceil(V / hidden) tokens, rounded up to a power of two: bounded by twice that).
+    Liger's rule (about T / ceil(V / hidden) tokens, rounded up to a power of two: bounded by twice that). An NF4
+    head streams through the loss one vocabulary block at a time: dx, row losses and labels per token plus the
+    bounded block buffers of `slimtune.ops.linear_ce.stream_buffer_bytes`; no dense copy of the head.
 dequant buffer
     Unfused 4-bit path: bitsandbytes dequantizes one weight at a time to the compute dtype (the largest one
     bounds it). Fused kernels dequantize tiles in registers: 0.
 CUDA context
     A constant (0.5 GiB by default): the CUDA context and cuBLAS workspaces, which torch does not count as
     allocated memory but which the card must hold.
+
+host memory (not in the GPU total)
+    `host_bytes`: the pinned embedding table, an optimizer in host memory, the offloaded layer inputs; and the peak
+    while loading: streamed (`model.load: auto`), one checkpoint tensor in bf16 plus one fp32 quantization chunk;
+    `model.load: full`, the whole model in the compute dtype plus one weight in fp32. Beyond the process's own RSS.
 
 Not modelled: allocator fragmentation (reserved - allocated), the optimizer's transient buffers during `step`,
 and attention masks (padding masks make HF's SDPA fall back to repeat_kv; the baseline assumes packed or
@@ -40,58 +58,45 @@ unpadded batches, as the benchmark uses).
 
 from __future__ import annotations
 
-import functools
 import math
 import os
-from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from slimtune.bench.configs import (
-    PROJECTIONS,
-    head_dim,
-    linear_shapes,
-    parameter_counts,
-    resolve_model_config,
-)
-from slimtune.errors import SlimtuneError
+from pydantic import ValidationError
 
-GiB = 1024**3
-GB = 1000**3
+from slimtune.adapters.base import Adapter, AdapterConfig, get_adapter_class, modes
+from slimtune.bench.activations import (
+    activation_bytes_per_token_per_layer,
+    attention_mode,
+    baseline_saved_bytes,
+    family,
+    layer_items,
+    masked_layer,
+    normalize_targets,
+)
+from slimtune.bench.configs import resolve_model_config
+from slimtune.bench.estimate_view import format_table, to_json
+from slimtune.bench.inventory import ModelInventory, inventory
+from slimtune.bench.sizes import GB, GiB, dtype_bytes, optimizer_state_bytes, quantized_weight_bytes
+from slimtune.errors import ModelError, SlimtuneError
+from slimtune.loram.estimate import recipe_loram_layout
+from slimtune.models.embeddings import TIED_HEAD_REASON
+from slimtune.models.load import resolve_package_path
+from slimtune.models.streaming import QUANT_CHUNK_VALUES
+from slimtune.ops.linear_ce import MIN_CHUNK_LOGITS_BYTES, stream_buffer_bytes
+
+__all__ = [
+    "CHECKPOINTING", "GB", "GiB", "OPTIMIZERS", "QUANTS", "Estimate", "activation_bytes_per_token_per_layer",
+    "adapted_layers", "baseline_saved_bytes", "estimate", "estimate_for_recipe", "estimate_loram",
+    "estimate_recipe_stages", "format_table", "normalize_targets", "optimizer_state_bytes",
+    "quantized_weight_bytes", "to_json",
+]
 
 QUANTS = ("none", "nf4", "fp4")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 CHECKPOINTING = ("none", "full", "offload")
-ADAPTER_KINDS = ("lora", "rslora", "dora", "lamda", "slora", "nlora", "inttune")
-
-_DTYPE_BYTES = {
-    "float32": 4, "fp32": 4, "float": 4,
-    "bfloat16": 2, "bf16": 2,
-    "float16": 2, "fp16": 2, "half": 2,
-}
-_DTYPE_NAME = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
-
-_TARGET_ALIASES = {
-    "q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
-    "gate": "gate_proj", "up": "up_proj", "down": "down_proj",
-}
-
-#: bitsandbytes: 8-bit optimizer state only for tensors with at least this many values.
-BNB_MIN_8BIT_SIZE = 4096
-#: bitsandbytes 8-bit optimizer block size (one fp32 absmax per block and moment).
-BNB_OPTIM_BLOCK = 256
-#: bitsandbytes 4-bit block size and double-quant second-level block size.
-NF4_BLOCK = 64
-NF4_DQ_BLOCK = 256
-
-
-def _dtype(value: Any) -> tuple[str, int]:
-    """Normalise a dtype given as torch.dtype or string to (name, bytes)."""
-    name = str(value).removeprefix("torch.").lower()
-    name = _DTYPE_NAME.get(name, name)
-    if name not in _DTYPE_BYTES:
-        raise SlimtuneError(f"dtype {value!r}: expected one of float32, bfloat16, float16")
-    return name, _DTYPE_BYTES[name]
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
@@ -100,197 +105,18 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
-def normalize_targets(targets: str | Collection[str] | None) -> tuple[str, ...]:
-    """Target projection names (q/k/v/o/gate/up/down, with or without `_proj`; "all-linear" = all seven)."""
-    if targets is None or targets in ("all", "all-linear", "all_linear"):
-        return PROJECTIONS
-    if isinstance(targets, str):
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
-    out = []
-    for t in targets:
-        name = _TARGET_ALIASES.get(t, t)
-        if name not in PROJECTIONS:
-            raise SlimtuneError(f"adapter target {t!r}: expected some of {', '.join(PROJECTIONS)}")
-        if name not in out:
-            out.append(name)
-    return tuple(p for p in PROJECTIONS if p in out)
-
-
 def adapted_layers(num_layers: int, layers: Any = None) -> tuple[int, ...]:
-    """Layer indices that carry adapters: all, an explicit list, or LayRA's {"first": n, "last": m}."""
-    if layers is None:
-        return tuple(range(num_layers))
-    if isinstance(layers, Mapping):
-        first, last = int(layers.get("first", 0)), int(layers.get("last", 0))
-        chosen = set(range(min(first, num_layers))) | set(range(max(num_layers - last, 0), num_layers))
-    else:
-        chosen = {int(i) for i in layers}
-        bad = [i for i in chosen if not 0 <= i < num_layers]
-        if bad:
-            raise SlimtuneError(f"adapter layers {sorted(bad)}: the model has layers 0..{num_layers - 1}")
-    return tuple(sorted(chosen))
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Weights
-# --------------------------------------------------------------------------------------------------------------
-
-
-def quantized_weight_bytes(numel: int, *, double_quant: bool = True) -> int:
-    """Bytes bitsandbytes stores for one 4-bit (nf4/fp4) weight of `numel` values, quant state included."""
-    blocks = math.ceil(numel / NF4_BLOCK)
-    packed = math.ceil(numel / 2)
-    code = 16 * 4  # the 16-entry NF4/FP4 code table (fp32), one per QuantState
-    if not double_quant:
-        return packed + 4 * blocks + code
-    second = math.ceil(blocks / NF4_DQ_BLOCK)
-    # uint8 absmax codes + fp32 second-level absmax + fp32 offset + 256-entry fp32 code of the nested state
-    return packed + blocks + 4 * second + 4 + code + 256 * 4
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Adapters
-# --------------------------------------------------------------------------------------------------------------
-
-
-def adapter_tensors(in_f: int, out_f: int, rank: int, kind: str = "lora") -> tuple[list[int], list[int]]:
-    """(trainable, frozen) tensor sizes one adapter adds to one (out, in) linear."""
-    r = rank
-    if kind in ("lora", "rslora"):
-        return [r * in_f, out_f * r], []
-    if kind == "dora":
-        return [r * in_f, out_f * r, out_f], []
-    if kind in ("slora", "nlora"):
-        return [r * in_f, r * r, out_f * r], []
-    if kind == "lamda":  # A frozen; S and (early in training) B trainable
-        return [r * r, out_f * r], [r * in_f]
-    if kind == "inttune":  # only N trains
-        return [r * r], [r * in_f, out_f * r]
-    raise SlimtuneError(f"adapter kind {kind!r}: expected one of {', '.join(ADAPTER_KINDS)}")
-
-
-def optimizer_state_bytes(sizes: list[int], optimizer: str, param_bytes: int) -> int:
-    """Optimizer state for trainable tensors of the given sizes."""
-    total = 0
-    for n in sizes:
-        if optimizer == "adamw":
-            total += 2 * n * param_bytes  # exp_avg, exp_avg_sq in the parameter dtype
-        elif n < BNB_MIN_8BIT_SIZE:
-            total += 2 * n * 4  # bitsandbytes falls back to 32-bit state
-        else:
-            total += 2 * n + 2 * 4 * math.ceil(n / BNB_OPTIM_BLOCK)
-    return total
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Activations: bytes saved for backward per token per layer
-# --------------------------------------------------------------------------------------------------------------
-
-
-def activation_bytes_per_token_per_layer(
-    config,
-    *,
-    fused: bool,
-    compute_dtype: Any = "bfloat16",
-    adapter_dtype: Any = "float32",
-    rank: int = 16,
-    targets: Any = None,
-    lora_dropout: float = 0.0,
-    input_requires_grad: bool = True,
-    device: str = "cuda",
-) -> dict[str, int]:
-    """What one decoder layer keeps for backward, per token, item by item (bytes). Sum the values for the total.
-
-    Unfused = HF transformers Llama/Qwen2 decoder layer + PEFT LoRA Linear, SDPA attention, no padding mask
-    (what `transformers` and `peft` save, read from LlamaDecoderLayer, LlamaRMSNorm, apply_rotary_pos_emb,
-    sdpa_attention_forward and peft's lora.Linear.forward / bnb Linear4bit.forward):
-
-    - RMSNorm: `x.to(float32)` is saved by pow and mul (the input itself when the compute dtype is fp32) and
-      rsqrt(var + eps) per row (fp32); `weight * x_hat` saves only the frozen weight.
-    - A frozen base linear (nn.Linear or bnb MatMul4Bit) keeps no activation; PEFT's lora_A keeps its input:
-      the shared normed input when adapter and compute dtype agree and there is no dropout; otherwise the
-      `x.to(adapter_dtype)` copy (one per adapted projection) or the dropout output plus its bool mask.
-      lora_B keeps the (T, r) product A x.
-    - RoPE keeps only cos/sin (shared by all layers: counted once per model).
-    - SDPA (flash / efficient / CPU flash) keeps q, k, v, out (with native GQA: k and v at KV-head size) and the
-      fp32 logsumexp per head. o_proj's input is SDPA's output (same storage).
-    - SwiGLU MLP: SiLU keeps e = gate(x); the product keeps silu(e) and g = up(x); down's lora_A keeps the
-      product (or its cast copy).
-
-    Fused = slimtune's Functions (DESIGN §3): RMSNorm (frozen weight, `FusedRMSNorm`) keeps its output and the
-    fp32 inverse RMS per row, and that output is the very tensor the qkv / MLP Function keeps as its X, so a norm
-    costs only its inverse RMS; the qkv Function keeps X once; RoPE keeps nothing per layer; attention keeps q, k,
-    v, out, logsumexp; o keeps its input (the attention output, same storage); the LoRA MLP Function keeps X,
-    e = gate(X), g = up(X); every adapted projection also keeps its (T, r) product X Aᵀ. (Checked against
-    saved_tensors_hooks in tests/bench/test_estimate_vs_measured.py: exact per layer.)
-
-    LoRA dropout (p > 0) replaces the shared input by, per adapted projection, the dropout output (saved by
-    lora_A) and what dropout keeps: a bool mask on CUDA (fused dropout kernel, 1 B/value), the float noise tensor
-    in the input's dtype elsewhere (`device="cpu"`: what a CPU measurement sees).
-
-    `input_requires_grad=False` is the first adapted layer when nothing before it trains (the frozen embedding
-    output needs no gradient, so the input RMSNorm keeps nothing).
-    """
-    _, d = _dtype(compute_dtype)
-    _, a = _dtype(adapter_dtype)
-    f32 = 4
-    mask = 1 if str(device).startswith("cuda") else a  # what dropout keeps per value
-    targets = normalize_targets(targets)
-    shapes = linear_shapes(config)
-    hidden, inter = config.hidden_size, config.intermediate_size
-    heads, kv_heads, hd = config.num_attention_heads, config.num_key_value_heads, head_dim(config)
-    q_out, kv_out = heads * hd, kv_heads * hd
-    items: dict[str, int] = {}
-
-    if fused:
-        items["input_norm (inv_rms)"] = f32 if input_requires_grad else 0
-        items["qkv input (= input_norm output)"] = hidden * d
-        items["attention q,k,v,out"] = (2 * q_out + 2 * kv_out) * d
-        items["attention logsumexp"] = heads * f32
-        items["post_attention_norm (inv_rms)"] = f32
-        items["mlp input (= post_attention_norm output)"] = hidden * d
-        items["mlp e=gate(x), g=up(x)"] = 2 * inter * d
-        items["lora x·Aᵀ (T, r)"] = len(targets) * rank * d
-        return items
-
-    direct = a == d and lora_dropout == 0.0  # lora_A keeps the very tensor the base layer received
-
-    def lora_inputs(projs: tuple[str, ...], input_needs_grad: bool = True) -> int:
-        """Input copies the adapted `projs` add beyond a shared input (which the caller counts)."""
-        total = 0
-        for p in projs:
-            if p not in targets:
-                continue
-            in_f = shapes[p][1]
-            if lora_dropout > 0.0:
-                # dropout output (adapter dtype), and its mask / noise when a gradient flows back through it
-                total += in_f * a + (in_f * mask if input_needs_grad else 0)
-            elif a != d:
-                total += in_f * a  # x.to(adapter_dtype)
-        return total
-
-    attn_in = ("q_proj", "k_proj", "v_proj")
-    mlp_in = ("gate_proj", "up_proj")
-    items["input_norm (x fp32, rsqrt)"] = (hidden * f32 + f32) if input_requires_grad else 0
-    items["qkv input (shared)"] = hidden * d if direct and any(p in targets for p in attn_in) else 0
-    items["qkv lora input copies"] = lora_inputs(attn_in, input_requires_grad)
-    items["attention q,k,v,out"] = (2 * q_out + 2 * kv_out) * d
-    items["attention logsumexp"] = heads * f32
-    items["o lora input copy"] = lora_inputs(("o_proj",))
-    items["post_attention_norm (h fp32, rsqrt)"] = hidden * f32 + f32
-    items["mlp input (shared)"] = hidden * d if direct and any(p in targets for p in mlp_in) else 0
-    items["gate/up lora input copies"] = lora_inputs(mlp_in)
-    items["mlp e, silu(e), g"] = 3 * inter * d
-    items["down input"] = inter * d if direct and "down_proj" in targets else 0
-    items["down lora input copy"] = lora_inputs(("down_proj",))
-    items["lora A·x (T, r)"] = len(targets) * rank * a
-    return items
+    """Layer indices that carry adapters (the adapter config's own rule): all, a list, or {"first": n, "last": m}."""
+    try:
+        cfg = AdapterConfig(kind="lora", layers=layers)
+        return tuple(cfg.layer_indices(num_layers))
+    except ValueError as err:
+        raise SlimtuneError(f"adapter layers: {err}".split("\n")[0]) from None
 
 
 # --------------------------------------------------------------------------------------------------------------
 # The estimate
 # --------------------------------------------------------------------------------------------------------------
-
 
 @dataclass
 class Estimate:
@@ -325,6 +151,20 @@ class Estimate:
     activation_per_token_per_layer: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     config: Any = field(default=None, repr=False, compare=False)
+    # eager attention: bytes per token and per position of the sequence (total += this x tokens x seq_len)
+    bytes_per_token_seq: int = 0
+    fused: bool = False  # the decoder runs fused (fuse_model fused every decoder module)
+    loss_fused: bool = False  # the loss is the chunked linear CE
+    unfused: list[tuple[str, str]] = field(default_factory=list)  # fuse_model's (module, why)
+    # host memory beyond the process itself (not part of the GPU total): what stays there during training
+    # (pinned embedding table, optimizer on the host, offloaded checkpoints), and the peak while loading the base
+    host_bytes: dict[str, int] = field(default_factory=dict)
+    host_load_peak_bytes: int = 0  # streamed load (model.load: auto/stream): one tensor + one quantization chunk
+    host_load_full_bytes: int = 0  # from_pretrained in the compute dtype, then quantize (model.load: full)
+
+    @property
+    def loram(self) -> dict[str, Any] | None:
+        return self.inputs.get("loram")
 
     @property
     def weights_bytes(self) -> int:
@@ -357,7 +197,7 @@ class Estimate:
     def total_for(self, seq_len: int, micro_batch: int | None = None) -> int:
         """Total bytes at another sequence length (same everything else), from the linear model."""
         batch = self.inputs["micro_batch"] if micro_batch is None else micro_batch
-        return self.fixed_bytes + self.bytes_per_token * seq_len * batch
+        return self.fixed_bytes + (self.bytes_per_token + self.bytes_per_token_seq * seq_len) * seq_len * batch
 
     def fits(self, gpu_mem_gib: float | None = None) -> bool:
         return self.total_bytes <= _cap(self, gpu_mem_gib)
@@ -365,13 +205,26 @@ class Estimate:
     def max_seq_len_that_fits(self, gpu_mem_gib: float | None = None) -> int:
         """Longest seq_len (at this micro_batch) whose total fits `gpu_mem_gib` GiB; 0 if none does."""
         cap = _cap(self, gpu_mem_gib)
-        per_seq = self.bytes_per_token * self.inputs["micro_batch"]
+        b = self.inputs["micro_batch"]
+        per_seq, quad = self.bytes_per_token * b, self.bytes_per_token_seq * b
         if cap < self.fixed_bytes or per_seq <= 0:
             return 0
-        return (cap - self.fixed_bytes) // per_seq  # total_for(seq) <= cap < total_for(seq + 1)
+        room = cap - self.fixed_bytes
+        if not quad:
+            return room // per_seq  # total_for(seq) <= cap < total_for(seq + 1)
+        s = int((-per_seq + math.sqrt(per_seq * per_seq + 4 * quad * room)) / (2 * quad))  # quad s² + per_seq s
+        while s > 0 and quad * s * s + per_seq * s > room:
+            s -= 1
+        while quad * (s + 1) ** 2 + per_seq * (s + 1) <= room:
+            s += 1
+        return s
 
     def reestimate(self, **changes: Any) -> Estimate:
-        """The same estimate with some inputs changed (what `advice` compares; LoRAM overrides it)."""
+        """The same estimate with some inputs changed (what `advice` compares; a LoRAM estimate stays LoRAM)."""
+        if self.inputs.get("kind") == "full":  # full fine-tuning: estimate_full's own inputs
+            keys = ("modules", "optimizer", "optimizer_on", "compute_dtype", "seq_len", "micro_batch",
+                    "grad_checkpointing", "gpu_mem_gib", "loram")
+            return estimate_full(self.config, **{k: v for k, v in {**self.inputs, **changes}.items() if k in keys})
         return estimate(self.config, **{**self.inputs, **changes})
 
     def advice(self, gpu_mem_gib: float | None = None) -> list[str]:
@@ -398,6 +251,11 @@ class Estimate:
             alt("use the fused slimtune kernels (fused: true)", fused=True)
         if inp["optimizer"] == "adamw":
             alt("use optimizer: adamw8bit", optimizer="adamw8bit")
+        if not inp.get("quantize_lm_head") and inp["quant"] != "none":
+            alt("quantize the head (quant.quantize_lm_head: true, streamed through the loss)", quantize_lm_head=True)
+        if inp.get("embeddings_on") != "cpu" and (inp.get("quantize_lm_head") or self.config is None
+                                                  or not getattr(self.config, "tie_word_embeddings", False)):
+            alt("keep the embedding table in host memory (train.embeddings_on: cpu)", embeddings_on="cpu")
         if inp["micro_batch"] > 1:
             alt(f"lower micro_batch {inp['micro_batch']} -> 1 (raise grad_accum to keep the batch)", micro_batch=1)
         best = self.max_seq_len_that_fits(gpu_mem_gib)
@@ -444,20 +302,31 @@ def estimate(
     quantize_lm_head: bool = False,
     ce_chunk_tokens: int | None = None,
     cuda_context_gib: float = 0.5,
+    adapter_options: dict[str, Any] | None = None,
+    loram: dict[str, Any] | None = None,
+    embeddings_on: str = "gpu",
+    optimizer_on: str = "device",
 ) -> Estimate:
     """Estimate peak GPU memory of one (Q)LoRA training step.
 
     `config`: a transformers config, or anything `resolve_model_config` accepts (hub id, folder, GGUF, built-in
-    name). `adapter_params`: the trainable adapter parameter count (int, or a callable given the config);
-    when omitted it is computed from `kind`/`rank`/`targets`/`layers` (LoRA: r·(in + out) per adapted linear).
-    `rank`/`targets` also size the small (T, r) activations. `seq_len` x `micro_batch` tokens per step.
+    name). `kind` is any registered adapter kind; `rank`, `targets` (module names, roles such as "q", `re:`
+    regexes or "all-linear"), `layers`, `lora_dropout` and `adapter_options` (the kind's other config fields, e.g.
+    alpha, modules_to_save) build its adapter config, which is injected on a meta-device copy of the model.
+    `adapter_params`: an explicit trainable count (int, or a callable given the config) overriding the injected
+    one. `fused`: what the recipe asks for; the estimate is fused only where `fuse_model` fuses. `loram`:
+    {ratio, keep_first, keep_last}: the step on the LoRAM-pruned model. `seq_len` x `micro_batch` tokens per step.
     """
+    if layers is not None and hasattr(layers, "model_dump"):  # a recipe's LayerRange
+        layers = layers.model_dump()
     inputs = dict(
         quant=quant, double_quant=double_quant, compute_dtype=compute_dtype, adapter_params=adapter_params,
         kind=kind, rank=rank, targets=targets, layers=layers, adapter_dtype=adapter_dtype,
         lora_dropout=lora_dropout, optimizer=optimizer, seq_len=seq_len, micro_batch=micro_batch,
         grad_checkpointing=grad_checkpointing, fused=fused, gpu_mem_gib=gpu_mem_gib,
         quantize_lm_head=quantize_lm_head, ce_chunk_tokens=ce_chunk_tokens, cuda_context_gib=cuda_context_gib,
+        adapter_options=dict(adapter_options or {}), loram=dict(loram) if loram else None,
+        embeddings_on=embeddings_on, optimizer_on=optimizer_on,
     )
     if isinstance(config, str) or hasattr(config, "__fspath__"):
         model_name = os.fspath(config)
@@ -467,45 +336,46 @@ def estimate(
     _choice("quant", quant, QUANTS)
     _choice("optimizer", optimizer, OPTIMIZERS)
     _choice("grad_checkpointing", grad_checkpointing, CHECKPOINTING)
-    _choice("kind", kind, ADAPTER_KINDS)
+    _choice("embeddings_on", embeddings_on, ("gpu", "cpu"))
+    _choice("optimizer_on", optimizer_on, ("device", "cpu"))
     for name, value in (("seq_len", seq_len), ("micro_batch", micro_batch), ("rank", rank),
                         ("ce_chunk_tokens", 1 if ce_chunk_tokens is None else ce_chunk_tokens)):
         if int(value) != value or value < 1:
             raise SlimtuneError(f"{name}={value!r}: expected a positive integer")
-    dtype_name, d = _dtype(compute_dtype)
-    adapter_dtype_name, a = _dtype(adapter_dtype)
+    dtype_name, d = dtype_bytes(compute_dtype)
+    adapter_dtype_name, a = dtype_bytes(adapter_dtype)
     inputs["compute_dtype"], inputs["adapter_dtype"] = dtype_name, adapter_dtype_name
-    targets = normalize_targets(targets)
-    inputs["targets"] = list(targets)
-
-    counts = parameter_counts(config)
-    shapes = linear_shapes(config)
-    L, hidden, vocab = config.num_hidden_layers, config.hidden_size, config.vocab_size
-    notes: list[str] = []
+    spec = family(config)
+    acfg = _adapter_config(spec, kind, rank, targets, layers, lora_dropout, inputs["adapter_options"])
+    inv = inventory(config, acfg, fuse=fused, loram=loram)
+    inputs["targets"] = [p for p in spec.proj_names if any(ad.proj == p for li in inv.layers for ad in li.adapters)]
+    notes = _notes(inv, fused, kind, loram)
 
     # ---- weights --------------------------------------------------------------------------------------------
+    numels = [n for li in inv.layers for n in li.linear]
     if quant == "none":
-        linear = counts["linear_weights"] * d
+        linear = sum(numels) * d
     else:
-        linear = L * sum(quantized_weight_bytes(o * i, double_quant=double_quant) for o, i in shapes.values())
-    lm_head_params = counts["lm_head"]
-    if quantize_lm_head and quant != "none" and lm_head_params:
-        linear += quantized_weight_bytes(lm_head_params, double_quant=double_quant)
-        embed = counts["embed_tokens"] * d
+        linear = sum(quantized_weight_bytes(n, double_quant=double_quant) for n in numels)
+    lm_head_params = inv.lm_head_params
+    head_nf4 = quantize_lm_head and quant != "none"
+    host: dict[str, int] = {}
+    if head_nf4:  # a tied head gets its own NF4 copy; the (dense) table stays for the lookup
+        linear += quantized_weight_bytes(lm_head_params or inv.embed_params, double_quant=double_quant)
+    head_dense = 0 if head_nf4 else lm_head_params * d
+    if embeddings_on == "cpu":
+        if not lm_head_params and not head_nf4:
+            raise SlimtuneError(f"train.embeddings_on: cpu: {TIED_HEAD_REASON}")
+        host["embedding table (pinned)"] = inv.embed_params * d
+        embed = head_dense
+        geo0 = spec.geometry(config)
+        notes.append(f"embeddings_on: cpu: the rows of each step travel to the GPU ({geo0.hidden * d:,} B per token)")
     else:
-        embed = (counts["embed_tokens"] + lm_head_params) * d
-    other = (L * (counts["per_layer_norms"] + counts["per_layer_bias"]) + counts["final_norm"]) * d
+        embed = inv.embed_params * d + head_dense
+    other = inv.other_params * d
 
     # ---- adapter state --------------------------------------------------------------------------------------
-    chosen_layers = adapted_layers(L, layers)
-    trainable: list[int] = []
-    frozen: list[int] = []
-    for _ in chosen_layers:
-        for p in targets:
-            out_f, in_f = shapes[p]
-            t, fz = adapter_tensors(in_f, out_f, rank, kind)
-            trainable += t
-            frozen += fz
+    trainable, frozen = inv.adapter_trainable, inv.adapter_frozen
     if adapter_params is not None:
         n_adapter = int(adapter_params(config) if callable(adapter_params) else adapter_params)
         trainable = [n_adapter]  # one block of values: the 8-bit optimizer threshold is not applied per tensor
@@ -513,255 +383,221 @@ def estimate(
     n_trainable, n_frozen = sum(trainable), sum(frozen)
     adapter_param_bytes = (n_trainable + n_frozen) * a
     adapter_grad_bytes = n_trainable * a
-    optim_bytes = optimizer_state_bytes(trainable, optimizer, a)
+    masters = adapter_dtype_name != "float32" or optimizer_on == "cpu"
+    if masters:  # slimtune.train.optim.MasterWeights: fp32 masters; the inner optimizer's state is fp32 too
+        optim_bytes = 4 * n_trainable + optimizer_state_bytes(trainable, optimizer, 4)
+    else:
+        optim_bytes = optimizer_state_bytes(trainable, optimizer, a)
     if optimizer != "adamw" and trainable:
         optim_bytes += 2 * 256 * 4  # the two shared 256-entry quantization maps
+    if optimizer_on == "cpu":
+        host["optimizer: fp32 masters + state"], optim_bytes = optim_bytes, 0
     if optimizer == "paged_adamw8bit":
         notes.append("paged optimizer state can be evicted to CPU under memory pressure; counted on the GPU here")
 
     # ---- activations (per token) ----------------------------------------------------------------------------
-    act_kwargs = dict(fused=fused, compute_dtype=dtype_name, adapter_dtype=adapter_dtype_name, rank=rank,
-                      lora_dropout=lora_dropout)
-    first = chosen_layers[0] if chosen_layers else L
-    per_layer = activation_bytes_per_token_per_layer(config, targets=targets, **act_kwargs)
-    per_layer_first = activation_bytes_per_token_per_layer(
-        config, targets=targets, input_requires_grad=False, **act_kwargs)
-    per_layer_plain = activation_bytes_per_token_per_layer(config, targets=(), **act_kwargs)  # no adapter
-    adapted = set(chosen_layers)
-    layer_totals = []
-    for i in range(L):
-        if i < first:
-            layer_totals.append(0)  # nothing before the first adapter needs a gradient
-        elif i == first:
-            layer_totals.append(sum(per_layer_first.values()))
-        else:
-            layer_totals.append(sum((per_layer if i in adapted else per_layer_plain).values()))
-    heaviest_layer = max(layer_totals, default=0)
-    layer_input = hidden * d  # what a checkpoint keeps per layer and token
-    live_layers = L - first
-    rope = 2 * head_dim(config) * d  # cos and sin, shared by all layers (per position; counted per token)
-    cpu_offload_per_token = 0
-    if grad_checkpointing == "none":
-        inputs_per_token, act_per_token = 0, sum(layer_totals) + rope
-    elif grad_checkpointing == "full":
-        inputs_per_token, act_per_token = live_layers * layer_input, heaviest_layer + rope
-    else:  # offload
-        inputs_per_token, act_per_token = min(2, live_layers) * layer_input, heaviest_layer + rope
-        cpu_offload_per_token = live_layers * layer_input
-    # final norm (saves its input) — part of the head, but what autograd keeps for it is an activation
-    act_per_token += (hidden * d + 4) if fused else (hidden * 4 + 4)
-
+    act = _activations(inv, d, a, lora_dropout, grad_checkpointing, seq_len, micro_batch)
     # ---- logits / loss --------------------------------------------------------------------------------------
-    if fused:
-        # slimtune.ops.linear_cross_entropy: dx (T, hidden) kept for backward, fp32 row losses, int64 labels, and
-        # one (chunk, V) logits buffer in the head's dtype, overwritten in place by the gradient.
-        logits_per_token = hidden * d + 4 + 8
-        if ce_chunk_tokens is None:
-            # Liger's rule: chunk = T / ceil(V / hidden) rounded up to a power of two (< 2x): bounded by 2x,
-            # plus the 64 MiB-of-fp32-logits floor of default_chunk_size (counted additively: conservative).
-            from slimtune.ops.linear_ce import MIN_CHUNK_LOGITS_BYTES
-
-            logits_fixed = 2 * MIN_CHUNK_LOGITS_BYTES * d // 4
-            logits_per_token += math.ceil(2 * vocab * d / math.ceil(vocab / hidden))
-        else:
-            logits_fixed = ce_chunk_tokens * vocab * d
-    else:
-        logits_fixed = 0
-        logits_per_token = vocab * (d + 4 + 4) + 8
+    geo = spec.geometry(config)
+    logits_fixed, logits_per_token = _logits(inv.loss_fused, geo.hidden, geo.vocab, d, ce_chunk_tokens)
+    if head_nf4 and inv.loss_fused:
+        # the NF4 head streams through the loss one vocabulary block at a time (slimtune.ops.linear_ce): dx kept
+        # for backward, row losses, labels per token; the block, its logits and the chunk's accumulators are
+        # bounded (their size at the largest chunk)
+        logits_per_token = geo.hidden * d + 4 + 8
+        logits_fixed = stream_buffer_bytes(1 << 40, geo.hidden, geo.vocab, d)
+    if not inv.loss_fused and spec.final_softcap(config) is not None:
+        logits_per_token += geo.vocab * d  # HF's cap · tanh(z / cap) keeps the tanh output
 
     # ---- constants ------------------------------------------------------------------------------------------
     dequant = 0
-    if quant != "none" and not fused:
-        largest = max(o * i for o, i in shapes.values())
+    if quant != "none" and not inv.decoder_fused:
+        largest = max(numels, default=0)
         if quantize_lm_head and lm_head_params:
             largest = max(largest, lm_head_params)
         dequant = largest * d
-    elif quant != "none" and quantize_lm_head and lm_head_params:
-        dequant = lm_head_params * d  # the chunked CE takes a dense head weight
-        notes.append("quantize_lm_head on the fused path: the linear CE needs the head dequantized (counted)")
+    elif head_nf4 and not inv.loss_fused:
+        dequant = (lm_head_params or inv.embed_params) * d  # HF's lm_head dequantizes the whole head
     context = int(cuda_context_gib * GiB)
 
+    if act["offload"]:
+        host["offloaded layer inputs (pinned)"] = act["offload"] * seq_len * micro_batch
+    biggest = max(numels + [inv.embed_params, lm_head_params], default=0)
+    load_peak = 2 * biggest + 4 * min(biggest, QUANT_CHUNK_VALUES)  # the bf16 tensor read + its fp32 chunk
+    load_full = inv.num_params * d + 4 * max(numels, default=0)  # the whole model + one weight's fp32 copy
     tokens = seq_len * micro_batch
     fixed = linear + embed + other + adapter_param_bytes + adapter_grad_bytes + optim_bytes + logits_fixed
     fixed += dequant + context
-    bytes_per_token = inputs_per_token + act_per_token + logits_per_token
-    est = Estimate(
-        model=str(model_name),
-        inputs=inputs,
-        num_params=counts["total"],
-        adapter_params=n_trainable,
-        adapter_frozen_params=n_frozen,
-        weights_linear_bytes=linear,
-        weights_embed_bytes=embed,
-        weights_other_bytes=other,
-        adapter_param_bytes=adapter_param_bytes,
-        adapter_grad_bytes=adapter_grad_bytes,
-        optimizer_bytes=optim_bytes,
-        layer_input_bytes=inputs_per_token * tokens,
-        activation_bytes=act_per_token * tokens,
-        logits_bytes=logits_fixed + logits_per_token * tokens,
-        dequant_bytes=dequant,
-        cuda_context_bytes=context,
-        cpu_offload_bytes=cpu_offload_per_token * tokens,
-        fixed_bytes=fixed,
-        bytes_per_token=bytes_per_token,
-        activation_per_token_per_layer=per_layer,
-        notes=notes,
-        config=config,
+    return Estimate(
+        model=str(model_name) + ("" if not loram else f" pruned at ratio {float(loram['ratio']):g} (LoRAM)"),
+        inputs=inputs, num_params=inv.num_params, adapter_params=n_trainable, adapter_frozen_params=n_frozen,
+        weights_linear_bytes=linear, weights_embed_bytes=embed, weights_other_bytes=other,
+        adapter_param_bytes=adapter_param_bytes, adapter_grad_bytes=adapter_grad_bytes, optimizer_bytes=optim_bytes,
+        layer_input_bytes=act["inputs"] * tokens,
+        activation_bytes=(act["per_token"] + act["per_token_seq"] * seq_len) * tokens,
+        logits_bytes=logits_fixed + logits_per_token * tokens, dequant_bytes=dequant, cuda_context_bytes=context,
+        cpu_offload_bytes=act["offload"] * tokens, fixed_bytes=fixed,
+        bytes_per_token=act["inputs"] + act["per_token"] + logits_per_token,
+        bytes_per_token_seq=act["per_token_seq"], activation_per_token_per_layer=act["typical"], notes=notes,
+        config=config, fused=inv.decoder_fused, loss_fused=inv.loss_fused, unfused=list(inv.fuse_unfused),
+        host_bytes=host, host_load_peak_bytes=load_peak, host_load_full_bytes=load_full,
     )
-    return est
 
 
-def baseline_saved_bytes(config, *, tokens: int, compute_dtype: Any = "float32", adapter_dtype: Any = None,
-                         rank: int = 16, targets: Any = None, lora_dropout: float = 0.0,
-                         micro_batch: int = 1, device: str = "cuda") -> int:
-    """Bytes autograd keeps for backward in HF + PEFT (no checkpointing), the whole model, for `tokens` tokens.
-
-    This is the quantity `torch.autograd.graph.saved_tensors_hooks` measures (unique storages, parameters
-    excluded): every layer's saved set (the first one without its input norm: the frozen embedding output needs
-    no gradient), cos/sin once, the final norm, the fp32 log-softmax, the int64 labels and the scalar loss.
-    """
-    _, d = _dtype(compute_dtype)
-    adapter_dtype = compute_dtype if adapter_dtype is None else adapter_dtype
-    kw = dict(fused=False, compute_dtype=compute_dtype, adapter_dtype=adapter_dtype, rank=rank, targets=targets,
-              lora_dropout=lora_dropout, device=device)
-    first = sum(activation_bytes_per_token_per_layer(config, input_requires_grad=False, **kw).values())
-    rest = sum(activation_bytes_per_token_per_layer(config, **kw).values())
-    layers = first + (config.num_hidden_layers - 1) * rest
-    seq = tokens // micro_batch
-    rope = 2 * seq * head_dim(config) * d
-    head = (config.hidden_size * 4 + 4) + config.vocab_size * 4 + 8
-    return layers * tokens + rope + head * tokens + 4
+def estimate_loram(config: Any, *, ratio: float, keep_first: int = 0, keep_last: int = 0, **kwargs: Any) -> Estimate:
+    """``estimate`` of the LoRAM-pruned model: `config` is the ORIGINAL model's; the pruned geometry is the one
+    ``slimtune.loram.prune.prune_model`` produces (run on the meta device)."""
+    kwargs.pop("loram", None)
+    return estimate(config, loram={"ratio": ratio, "keep_first": keep_first, "keep_last": keep_last}, **kwargs)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Presentation
-# --------------------------------------------------------------------------------------------------------------
-
-_LABELS = {
-    "weights_linear": "base linear weights",
-    "weights_embed": "embeddings + lm_head",
-    "weights_other": "norms + biases",
-    "adapter_params": "adapter params",
-    "adapter_grads": "adapter grads",
-    "optimizer": "optimizer state",
-    "layer_inputs": "checkpointed layer inputs",
-    "activations": "saved activations",
-    "logits": "logits / loss",
-    "dequant": "dequant buffer",
-    "cuda_context": "CUDA context",
-}
-
-
-def _details(est: Estimate) -> dict[str, str]:
-    inp = est.inputs
-    dt = inp["compute_dtype"]
-    quant = inp["quant"]
-    qdesc = dt if quant == "none" else f"{quant}{' + double quant' if inp['double_quant'] else ''}"
-    ckpt = inp["grad_checkpointing"]
-    act = {"none": "every layer", "full": "one layer, recomputed in backward", "offload": "one layer, recomputed"}[ckpt]
-    inputs_detail = {
-        "none": "no checkpointing",
-        "full": "every layer's input (hidden x dtype)",
-        "offload": "2 layer inputs on GPU, the rest in pinned host memory",
-    }[ckpt]
-    path = "fused" if inp["fused"] else "HF+PEFT"
-    return {
-        "weights_linear": f"{qdesc}",
-        "weights_embed": f"{dt}" + (" (tied)" if getattr(est.config, "tie_word_embeddings", False) else ""),
-        "weights_other": dt,
-        "adapter_params": f"{est.adapter_params:,} trainable ({inp['kind']} r{inp['rank']}), {inp['adapter_dtype']}",
-        "adapter_grads": inp["adapter_dtype"],
-        "optimizer": inp["optimizer"],
-        "layer_inputs": inputs_detail,
-        "activations": f"{path}: {act} + final norm",
-        "logits": ("chunked linear CE" if inp["fused"] else "full (T, V) logits + fp32 log-softmax"),
-        "dequant": "none (fused tiles)" if inp["fused"] or quant == "none" else "largest weight, dequantized",
-        "cuda_context": "constant",
-    }
+def _adapter_config(spec, kind: str, rank: int, targets: Any, layers: Any, dropout: float, options: dict):
+    """The kind's own adapter config, validated by the registry (what a recipe's ``adapter:`` block becomes)."""
+    if kind in modes():
+        raise SlimtuneError(f"adapter.kind: {kind!r} is a training mode (the model's own weights train), not an "
+                            "adapter kind; the estimator sizes adapter training only")
+    try:
+        cls = get_adapter_class(kind)
+    except KeyError as err:
+        raise SlimtuneError(f"adapter kind: {err.args[0]}") from None
+    if targets is None or targets in ("all", "all-linear", "all_linear"):
+        tgt: Any = "all-linear"
+    else:
+        items = [t.strip() for t in targets.split(",") if t.strip()] if isinstance(targets, str) else list(targets)
+        plain = [t for t in items if not t.startswith("re:")]
+        tgt = list(normalize_targets(plain, spec)) + [t for t in items if t.startswith("re:")] if plain else items
+    try:
+        return cls.Config.model_validate({**options, "kind": kind, "rank": rank, "targets": tgt, "layers": layers,
+                                          "dropout": dropout})
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise SlimtuneError(f"adapter.{where}: {first['msg']}") from None
 
 
-def to_json(est: Estimate) -> dict[str, Any]:
-    """Every figure of the estimate as plain JSON-able values (bytes, plus GiB for reading)."""
-    inp = dict(est.inputs)
-    if callable(inp.get("adapter_params")):
-        inp["adapter_params"] = est.adapter_params
-    out: dict[str, Any] = {
-        "model": est.model,
-        "model_type": getattr(est.config, "model_type", None),
-        "num_params": est.num_params,
-        "inputs": inp,
-        "tokens": est.tokens,
-        "adapter_params": est.adapter_params,
-        "adapter_frozen_params": est.adapter_frozen_params,
-        "components_bytes": est.components(),
-        "total_bytes": est.total_bytes,
-        "total_gib": round(est.total_bytes / GiB, 4),
-        "cpu_offload_bytes": est.cpu_offload_bytes,
-        "fixed_bytes": est.fixed_bytes,
-        "bytes_per_token": est.bytes_per_token,
-        "activation_per_token_per_layer": dict(est.activation_per_token_per_layer),
-        "notes": list(est.notes),
-    }
-    if est.inputs.get("gpu_mem_gib") is not None:
-        out["gpu_mem_gib"] = est.inputs["gpu_mem_gib"]
-        out["fits"] = est.fits()
-        out["max_seq_len"] = est.max_seq_len_that_fits()
-        out["advice"] = est.advice()
+def _notes(inv: ModelInventory, fused: bool, kind: str, loram: dict | None) -> list[str]:
+    notes: list[str] = []
+    if loram:
+        geo = inv.spec.geometry(inv.config)
+        pruned = [li.geometry for i, li in enumerate(inv.layers) if inv.kept is not None and i in inv.kept.layers]
+        if pruned:
+            notes.append(f"LoRAM: {len(pruned)} pruned layers keep {pruned[0].kv_heads}/{geo.kv_heads} KV heads and "
+                         f"{pruned[0].intermediate}/{geo.intermediate} MLP neurons (ratio {loram['ratio']}); "
+                         f"{len(inv.layers) - len(pruned)} layers intact")
+    if fused and inv.unfused_decoder:
+        name, why = inv.unfused_decoder[0]
+        notes.append(f"fuse_model leaves {len(inv.unfused_decoder)} decoder module(s) unfused ({name}: {why}): the "
+                     "decoder is sized as HF+PEFT, what the trainer runs")
+    if fused and not inv.loss_fused:
+        why = dict(inv.fuse_unfused).get("lm_head+loss", "")
+        notes.append(f"loss not fused ({why}): full logits counted")
+    if get_adapter_class(kind).plan.__func__ is not Adapter.plan.__func__:
+        notes.append(f"{kind}: adapter tensors from the kind's meta-device plan (per-module ranks that depend on the "
+                     "weights' spectrum are uniform there; the total budget is the same)")
+    if inv.extra_trainable:
+        notes.append(f"modules_to_save: {sum(inv.extra_trainable):,} parameters train in full (counted in adapter "
+                     "params)")
+    return notes
+
+
+def _activations(inv: ModelInventory, d: int, a: int, dropout: float, ckpt: str, seq_len: int,
+                 micro_batch: int) -> dict[str, Any]:
+    """Per-token activation terms: checkpointed inputs, everything else, the eager-attention term, host offload."""
+    spec, fused = inv.spec, inv.decoder_fused
+    eager, softcap = attention_mode(spec, inv.config)
+    adapted = inv.adapted_layers
+    first = adapted[0] if adapted else len(inv.layers)
+    totals, quads, typical = [], [], {}
+    for i, li in enumerate(inv.layers):
+        if i < first:  # nothing before the first adapter needs a gradient
+            totals.append(0)
+            quads.append(0)
+            continue
+        ranks = {ad.proj: ad.rank for ad in li.adapters}
+        items, quad = layer_items(spec, li.geometry, ranks, fused=fused, compute_bytes=d, adapter_bytes=a,
+                                  lora_dropout=dropout, input_requires_grad=i != first, device="cuda", eager=eager,
+                                  softcap=softcap, masked=masked_layer(spec, inv.config, i, seq_len))
+        totals.append(sum(items.values()))
+        quads.append(sum(quad.values()))
+        if li.adapters and (i != first or not typical):
+            typical = {**items, **{k: v * seq_len for k, v in quad.items()}}
+    heaviest = max(range(len(totals)), key=lambda i: totals[i] + quads[i] * seq_len, default=None)
+    hidden = spec.geometry(inv.config).hidden
+    layer_input = hidden * d  # what a checkpoint keeps per layer and token
+    live = len(inv.layers) - first
+    # cos, sin: (1, T, head_dim) per RoPE set, shared by all layers and by the batch's rows (per token: / batch)
+    rope = math.ceil(2 * spec.geometry(inv.config).head_dim * d * spec.rope_sets(inv.config) / micro_batch)
+    final_norm = (hidden * d + 4) if fused else (hidden * 4 + 4)  # the final norm keeps its input
+    out = {"inputs": 0, "offload": 0, "typical": typical}
+    if ckpt == "none":
+        out["per_token"], out["per_token_seq"] = sum(totals) + rope + final_norm, sum(quads)
+    else:
+        h = 0 if heaviest is None else totals[heaviest]
+        out["per_token"], out["per_token_seq"] = h + rope + final_norm, 0 if heaviest is None else quads[heaviest]
+        out["inputs"] = (live if ckpt == "full" else min(2, live)) * layer_input
+        out["offload"] = live * layer_input if ckpt == "offload" else 0
     return out
 
 
-def format_table(est: Estimate):
-    """A rich Table of the components, the total and (with a GPU size) the verdict."""
-    from rich.table import Table
-
-    inp = est.inputs
-    title = (
-        f"{est.model}: {inp['quant']} {inp['kind']} r{inp['rank']}, seq {inp['seq_len']} x batch "
-        f"{inp['micro_batch']}, checkpointing {inp['grad_checkpointing']}, "
-        f"{'fused' if inp['fused'] else 'HF+PEFT'}"
-    )
-    table = Table(title=title)
-    table.add_column("component")
-    table.add_column("GiB", justify="right")
-    table.add_column("detail")
-    details = _details(est)
-    for key, value in est.components().items():
-        table.add_row(_LABELS[key], f"{value / GiB:.3f}", details[key])
-    table.add_section()
-    table.add_row("total (GPU)", f"{est.total_bytes / GiB:.3f}", f"{est.total_bytes / GB:.2f} GB", style="bold")
-    if est.cpu_offload_bytes:
-        table.add_row("pinned host memory", f"{est.cpu_offload_bytes / GiB:.3f}", "offloaded layer inputs")
-    if inp.get("gpu_mem_gib") is not None:
-        cap = inp["gpu_mem_gib"]
-        verdict = "fits" if est.fits() else "does NOT fit"
-        table.add_row(f"on {cap:g} GiB", verdict, f"longest seq_len that fits: {est.max_seq_len_that_fits():,}")
-        for tip in est.advice():
-            table.add_row("", "", f"• {tip}")
-    return table
+def _logits(fused: bool, hidden: int, vocab: int, d: int, ce_chunk_tokens: int | None) -> tuple[int, int]:
+    """(fixed, per-token) bytes of the logits / loss."""
+    if not fused:
+        return 0, vocab * (d + 4 + 4) + 8
+    # slimtune.ops.linear_cross_entropy: dx (T, hidden) kept for backward, fp32 row losses, int64 labels, and
+    # one (chunk, V) logits buffer in the head's dtype, overwritten in place by the gradient.
+    per_token = hidden * d + 4 + 8
+    if ce_chunk_tokens is not None:
+        return ce_chunk_tokens * vocab * d, per_token
+    # Liger's rule: chunk = T / ceil(V / hidden) rounded up to a power of two (< 2x): bounded by 2x, plus the
+    # 64 MiB-of-fp32-logits floor of default_chunk_size (counted additively: conservative).
+    return 2 * MIN_CHUNK_LOGITS_BYTES * d // 4, per_token + math.ceil(2 * vocab * d / math.ceil(vocab / hidden))
 
 
 # --------------------------------------------------------------------------------------------------------------
 # From a recipe
+def estimate_full(config: Any, *, modules: Any = "no-embeddings", optimizer: str = "adamw",
+                  optimizer_on: str = "device", compute_dtype: Any = "bfloat16", **kwargs: Any) -> Estimate:
+    """Full fine-tuning (``adapter.kind: full``): a dense base whose own weights train. Activations and logits are
+    a rank-1 all-linear LoRA's on the same dense base (its adapters save every linear's input, which is what the
+    weight gradients need); the adapter terms become the trained weights' gradients (compute dtype), fp32 master
+    copies (``MasterWeights``, when the weights are not fp32) and the optimizer state, on the GPU or (``optimizer_on:
+    cpu``) in host memory. ``modules``: all-linear (decoder linears), no-embeddings, all; a pattern list is sized as
+    no-embeddings (noted)."""
+    base = estimate(config, quant="none", kind="lora", rank=1, targets="all-linear", optimizer=optimizer,
+                    compute_dtype=compute_dtype, fused=False, **kwargs)  # the decoder runs unfused (HF modules)
+    loss = estimate(config, quant="none", kind="lora", rank=1, targets="all-linear", optimizer=optimizer,
+                    compute_dtype=compute_dtype, fused=True, **kwargs)  # but the loss is the chunked linear CE
+    base = replace(base, logits_bytes=loss.logits_bytes, loss_fused=loss.loss_fused,
+                   bytes_per_token=base.bytes_per_token + (loss.logits_bytes - base.logits_bytes) // base.tokens)
+    d = dtype_bytes(compute_dtype)[1]
+    inv_linear = base.weights_linear_bytes // d
+    embed_params = base.weights_embed_bytes // d
+    tied = bool(getattr(base.config, "tie_word_embeddings", False))
+    notes = [n for n in base.notes if "adapter" not in n]
+    if modules == "all-linear":
+        n_trained = inv_linear
+    elif modules == "all":
+        n_trained = base.num_params
+    else:
+        if modules != "no-embeddings":
+            notes.append(f"adapter.modules {modules!r}: sized as no-embeddings")
+        input_embed = embed_params if tied else embed_params // 2  # untied: embed_tokens and lm_head are equal
+        n_trained = base.num_params - input_embed
+    grads = n_trained * d
+    masters = 4 * n_trained if d != 4 else 0
+    state = optimizer_state_bytes([n_trained], optimizer, 4) + (2 * 256 * 4 if optimizer != "adamw" else 0)
+    on_host = optimizer_on == "cpu"
+    notes.append(f"full fine-tuning: {n_trained:,} trained values; fp32 masters {masters / GiB:.2f} GiB + optimizer "
+                 f"state {state / GiB:.2f} GiB " + ("in host memory (optimizer_on: cpu)" if on_host else "on the GPU"))
+    optim = 0 if on_host else masters + state
+    fixed = base.fixed_bytes - base.adapter_param_bytes - base.adapter_grad_bytes - base.optimizer_bytes
+    return replace(base, adapter_params=n_trained, adapter_frozen_params=0, adapter_param_bytes=0,
+                   adapter_grad_bytes=grads, optimizer_bytes=optim, fixed_bytes=fixed + grads + optim, notes=notes,
+                   inputs={**base.inputs, "kind": "full", "modules": modules, "optimizer_on": optimizer_on,
+                           "adapter_dtype": dtype_bytes(compute_dtype)[0]})
+
+
 # --------------------------------------------------------------------------------------------------------------
-
-#: Adapter kinds the estimator sizes under another kind's tensor layout (same shapes per module).
-_KIND_AS = {"lamda_pp": "lamda"}
-
-
-def _recipe_targets(targets: Any) -> tuple[str, ...]:
-    """The projections a recipe's ``adapter.targets`` (suffixes, ``re:`` regexes or "all-linear") selects."""
-    from slimtune.adapters.inject import _matches
-
-    if targets in (None, "all-linear"):
-        return PROJECTIONS
-    chosen = tuple(
-        p for p in PROJECTIONS
-        if _matches(f"model.layers.0.{'self_attn' if p[0] in 'qkvo' else 'mlp'}.{p}", list(targets))
-    )
-    if not chosen:
-        raise SlimtuneError(f"adapter.targets {targets!r}: matches none of {', '.join(PROJECTIONS)}")
-    return chosen
 
 
 def estimate_recipe_stages(recipe: Any, gpu_mem_gib: float | None = 24.0) -> list[tuple[str, Estimate]]:
@@ -770,13 +606,10 @@ def estimate_recipe_stages(recipe: Any, gpu_mem_gib: float | None = 24.0) -> lis
     The model config comes from ``recipe.model.name`` via :func:`resolve_model_config` (built-in table, local
     folder / config.json / GGUF, or a cached hub config; ``pkg:`` paths resolve to the file a package ships). Every
     stage shares that architecture (a merged previous stage has the same shapes). Mapping: ``quant.mode``,
-    ``double_quant``, ``compute_dtype`` ("auto" is bfloat16, what a CUDA run uses), ``quantize_lm_head``;
-    ``adapter.kind``/``rank``/``targets``/``layers``/``dropout``; ``train.optimizer``/``micro_batch``/
-    ``grad_checkpointing``/``fused``; seq_len = ``data.max_seq_len``.
+    ``double_quant``, ``compute_dtype`` ("auto" is bfloat16, what a CUDA run uses), ``quantize_lm_head``; the whole
+    ``adapter`` block (any registered kind, injected as the trainer injects it); ``train.optimizer``/``micro_batch``/
+    ``grad_checkpointing``/``fused``; seq_len = ``data.max_seq_len``; LoRAM: the ``loram`` block or a pruned folder.
     """
-    from slimtune.errors import ModelError
-    from slimtune.models.load import resolve_package_path
-
     try:
         config = resolve_model_config(resolve_package_path(recipe.model.name))
     except ModelError:
@@ -784,45 +617,33 @@ def estimate_recipe_stages(recipe: Any, gpu_mem_gib: float | None = 24.0) -> lis
     except Exception as err:  # a GGUF/JSON reader failing on a malformed file: one line, not a traceback
         why = f"{type(err).__name__}: {err}"
         raise ModelError(f"model.name: {recipe.model.name}: cannot read its config ({why})") from None
-    from slimtune.loram.estimate import estimate_loram, recipe_loram_layout
-
     loram = recipe_loram_layout(recipe)  # LoRAM: the training-time peak is the pruned model's
     out: list[tuple[str, Estimate]] = []
     for stage, r in recipe.resolved_stages():
         if getattr(stage, "kind", "train") != "train":  # merge / eval / arithmetic stages train nothing
             continue
         a, q, t = r.adapter, r.quant, r.train
-        kind = _KIND_AS.get(a.kind, a.kind)
-        layers = a.layers
-        if layers is not None and hasattr(layers, "first"):
-            layers = {"first": layers.first, "last": layers.last}
-        extra: dict[str, Any] = {}
-        notes: list[str] = []
-        if kind not in ADAPTER_KINDS or a.modules_to_save:
-            from slimtune.adapters.counts import trainable_counts
-
-            options = {k: v for k, v in a.model_dump().items()
-                       if k not in ("kind", "rank", "targets", "layers")}
-            extra["adapter_params"] = trainable_counts(config, a.kind, a.rank, a.targets, a.layers, **options)
-            if kind not in ADAPTER_KINDS:
-                kind = "lora"
-            if a.modules_to_save:
-                notes.append(f"modules_to_save {', '.join(a.modules_to_save)} train in full "
-                             "(counted in adapter params)")
-        if a.kind != kind and a.kind in _KIND_AS:
-            notes.append(f"{a.kind}: sized as {kind} at uniform rank {a.rank} (the per-module ranks depend on the "
-                         "weights' spectrum; the total budget is the same)")
-        est = (estimate if loram is None else functools.partial(estimate_loram, **loram))(
+        if a.kind == "full":  # full fine-tuning (slimtune.adapters.full): the trainer loads the base dense
+            est = estimate_full(
+                config, modules=a.modules, optimizer=t.optimizer, optimizer_on=getattr(t, "optimizer_on", "device"),
+                compute_dtype="bfloat16" if q.compute_dtype == "auto" else q.compute_dtype,
+                seq_len=r.data.max_seq_len, micro_batch=t.micro_batch, grad_checkpointing=t.grad_checkpointing,
+                gpu_mem_gib=gpu_mem_gib, loram=loram)
+            est.model = recipe.model.name
+            out.append((stage.name, est))
+            continue
+        options = {k: v for k, v in a.model_dump().items() if k not in ("kind", "rank", "targets", "layers", "dropout")}
+        est = estimate(
             config,
             quant=q.mode, double_quant=q.double_quant,
             compute_dtype="bfloat16" if q.compute_dtype == "auto" else q.compute_dtype,
             quantize_lm_head=q.quantize_lm_head,
-            kind=kind, rank=a.rank, targets=_recipe_targets(a.targets), layers=layers, lora_dropout=a.dropout,
-            optimizer=t.optimizer, seq_len=r.data.max_seq_len, micro_batch=t.micro_batch,
-            grad_checkpointing=t.grad_checkpointing, fused=t.fused, gpu_mem_gib=gpu_mem_gib, **extra,
+            kind=a.kind, rank=a.rank, targets=a.targets, layers=a.layers, lora_dropout=a.dropout,
+            adapter_options=options, optimizer=t.optimizer, seq_len=r.data.max_seq_len, micro_batch=t.micro_batch,
+            grad_checkpointing=t.grad_checkpointing, fused=t.fused, gpu_mem_gib=gpu_mem_gib, loram=loram,
+            adapter_dtype=t.adapter_dtype, embeddings_on=t.embeddings_on, optimizer_on=t.optimizer_on,
         )
         est.model = recipe.model.name + ("" if loram is None else f" pruned at ratio {loram['ratio']:g} (LoRAM)")
-        est.notes.extend(notes)
         out.append((stage.name, est))
     if not out:
         raise SlimtuneError(f"{recipe.name or 'recipe'}: no training stage to estimate")

@@ -35,8 +35,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from slimtune.adapters.base import Adapter
 from slimtune.bench.baseline import hf_decoder
 from slimtune.bench.estimate import Estimate
+from slimtune.models.embeddings import HostEmbedding
+from slimtune.models.streaming import release_host_memory
 
 
 @dataclass
@@ -155,13 +158,8 @@ def current_rss() -> int:
 
 
 def _trim_heap() -> None:
-    """Give freed heap memory back to the OS (glibc ``malloc_trim``), so that RSS follows live memory."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    """Give freed heap memory back to the OS, so that RSS follows live memory."""
+    release_host_memory()
 
 
 def _reset_rss_peak() -> bool:
@@ -397,3 +395,86 @@ def gap_pct(estimated: float, measured: float) -> float | None:
     if not measured:
         return None
     return round(100.0 * (estimated - measured) / measured, 1)
+
+
+# --------------------------------------------------------------------------------------------- held state
+
+
+def held_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+               device: torch.device | str | None = None) -> dict[str, int]:
+    """What a model (and its optimizer) really hold, by the estimator's component names, counted by storage.
+
+    Every distinct storage is counted once, at its full size, in the first matching class:
+
+    * ``weights_linear``: base linear weights (dense, or bitsandbytes' packed 4-bit codes plus every quant-state
+      tensor: absmax, code tables, double-quant offset and second-level state), a 4-bit lm_head included;
+    * ``weights_embed``: the input embedding table and a dense lm_head (tied: once);
+    * ``weights_other``: every other parameter of the base (norms, biases);
+    * ``adapter_params``: adapter tensors (trainable and frozen); ``adapter_grads``: the ``.grad`` of trainable
+      parameters; ``optimizer``: optimizer state tensors, with :class:`~slimtune.train.optim.MasterWeights`' fp32
+      masters.
+
+    What lives in host memory by construction is counted under ``host_<class>``: the table of a
+    :class:`~slimtune.models.embeddings.HostEmbedding` (``train.embeddings_on: cpu``) and the masters and state of a
+    :class:`~slimtune.train.optim.MasterWeights` kept on the CPU (``train.optimizer_on: cpu``), and so is any other
+    storage that is not on ``device`` (default: the device of the first parameter), so the split holds on a
+    CPU-only machine too. Buffers that are not parameters (rotary tables) are not counted; neither does the
+    estimator.
+    """
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    out: dict[str, int] = {}
+    seen: set[tuple[str, int]] = set()
+
+    def add(kind: str, t: torch.Tensor | None, host: bool = False) -> None:
+        if t is None or not torch.is_tensor(t) or t.numel() == 0:
+            return
+        key = _storage_key(t)
+        if key in seen:
+            return
+        seen.add(key)
+        name = f"host_{kind}" if host or t.device.type != dev.type else kind
+        out[name] = out.get(name, 0) + t.untyped_storage().nbytes()
+
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for p in model.parameters():  # gradients first: they are what they are whatever holds the parameter
+        add("adapter_grads", p.grad)
+    base_linears: list[nn.Module] = []
+    for m in model.modules():
+        if isinstance(m, Adapter):
+            for n, p in m.named_parameters():
+                if not n.startswith("base_layer."):
+                    add("adapter_params", p)
+            base_linears.append(m.base_layer)
+    for m in model.modules():
+        if m is not head and (isinstance(m, nn.Linear) or hasattr(getattr(m, "weight", None), "quant_state")):
+            base_linears.append(m)
+    for m in base_linears:
+        w = m.weight
+        if m is head and not hasattr(w, "quant_state"):
+            continue
+        add("weights_linear", w)
+        for q in _quant_state_tensors(getattr(w, "quant_state", None)):
+            add("weights_linear", q)
+    if head is not None and hasattr(head.weight, "quant_state"):
+        for q in _quant_state_tensors(head.weight.quant_state):
+            add("weights_linear", q)
+        add("weights_linear", head.weight)
+    if emb is not None:
+        add("weights_embed", emb.weight, host=isinstance(emb, HostEmbedding))
+    if head is not None:
+        add("weights_embed", head.weight)
+    for p in model.parameters():
+        add("weights_other", p)
+    if optimizer is not None:
+        inner = getattr(optimizer, "inner", None)
+        on_host = getattr(getattr(optimizer, "device", None), "type", None) == "cpu"
+        for opt in (optimizer, inner) if inner is not None else (optimizer,):
+            for state in opt.state.values():
+                for v in state.values():
+                    add("optimizer", v, host=on_host)
+        if inner is not None:
+            for g in inner.param_groups:
+                for m in g["params"]:
+                    add("optimizer", m, host=on_host)
+    return out

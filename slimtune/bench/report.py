@@ -56,7 +56,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{st['quant']}, {st['dtype']} compute; {st['adapter']} r{st['rank']} alpha {st['alpha']:g} on "
         f"{', '.join(st['targets'])}; seq {st['seq_len']} x batch {st['batch']}; {st['optimizer']}; "
         f"{st['steps']} steps ({st['warmup']} warm-up). slimtune checkpointing: {st['slimtune_checkpointing']}; "
-        f"baseline: {st['baseline_checkpointing']}.",
+        f"baseline: {st['baseline_checkpointing']}." + (f" Training loop: {st['loop']}." if st.get("loop") else ""),
         "",
     ]
     # ---- main table ------------------------------------------------------------------------------------------

@@ -9,6 +9,10 @@ same random tokens (fixed seed; labels = inputs). slimtune: its adapters, ``fuse
 CUDA, the torch reference on CPU), the chunked linear cross-entropy (``causal_lm_loss``) and checkpointing mode
 ``--checkpointing`` (none | full | offload). Baseline: see :mod:`slimtune.bench.baseline` (PEFT LoRA on bnb
 ``Linear4bit``, HF gradient checkpointing with ``use_reentrant=False``, SDPA, ``model(ids, labels).loss``).
+Both are trained by slimtune's one loop, ``Trainer`` (``bench_recipe``: constant lr, clipping at 1.0 as a recipe's
+default, one micro-batch per step): the slimtune side as adapters, the baseline with ``trainable="model"`` (its
+trainable parameters are PEFT's LoRA weights) and HF's loss as ``loss_fn``; the per-phase memory comes from a
+trainer callback (``_Measure``) wrapping the trainer's forward / backward / optimizer phases.
 
 Figures, per tool:
 
@@ -33,13 +37,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import importlib.metadata
-import os
-import platform
-import re
 import statistics
-import subprocess
-import time
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,8 +47,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from slimtune.bench.baseline import BASELINE_KINDS, baseline_loss, build_baseline
+from slimtune.adapters.base import get_adapter_class
+from slimtune.adapters.inject import inject
+from slimtune.bench.baseline import BASELINE_KINDS, baseline_loss_sum, build_baseline
 from slimtune.bench.configs import parameter_counts, resolve_model_config
+from slimtune.bench.environment import environment
 from slimtune.bench.estimate import CHECKPOINTING, GiB, OPTIMIZERS, Estimate, estimate, normalize_targets
 from slimtune.bench.memory import (
     PhaseMeter,
@@ -62,7 +64,16 @@ from slimtune.bench.memory import (
     recording_offload,
     saved_bytes,
 )
-from slimtune.errors import SlimtuneError
+from slimtune.bench.random_model import random_base, random_tokens
+from slimtune.config.recipe import Recipe
+from slimtune.data.dataset import TrainData
+from slimtune.errors import ResourceError, SlimtuneError
+from slimtune.models.fused import fuse_model
+from slimtune.models.load import LoadedModel, resolve_package_path
+from slimtune.models.tiny import tiny_llama_config, tiny_qwen2_config
+from slimtune.train.callbacks import TrainerCallback
+from slimtune.train.checkpointing import enable_checkpointing
+from slimtune.train.loop import Trainer
 
 TOOLS = ("slimtune", "baseline")
 PHASES = ("load", "forward", "backward", "optimizer")
@@ -108,15 +119,9 @@ class BenchConfig:
 
 def resolve_bench_config(name: str, layers: int | None = None):
     """The transformers config a bench builds (no download): "tiny", a built-in name, a folder, JSON or GGUF."""
-    from slimtune.models.load import resolve_package_path
-
     if name in ("tiny", "tiny-llama"):
-        from slimtune.models.tiny import tiny_llama_config
-
         config = tiny_llama_config()
     elif name == "tiny-qwen2":
-        from slimtune.models.tiny import tiny_qwen2_config
-
         config = tiny_qwen2_config()
     else:
         config = resolve_model_config(resolve_package_path(name))
@@ -173,65 +178,12 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def random_tokens(vocab: int, batch: int, seq_len: int, *, seed: int, device: torch.device) -> torch.Tensor:
-    """(batch, seq_len) int64 token ids, uniform over the vocabulary, from a fixed seed (CPU generator)."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (batch, seq_len), generator=g).to(device)
-
-
-# --------------------------------------------------------------------------------------------- the base model
-
-
-def random_base(config, *, device: torch.device, dtype: torch.dtype, quant: str = "nf4", double_quant: bool = True,
-                seed: int = 0) -> nn.Module:
-    """A causal LM from ``config`` with seeded random weights, its decoder linears quantized on ``device``.
-
-    Built on the meta device, materialised on the CPU (normal(0, initializer_range) for matrices, ones for norms,
-    zeros for biases: the same values for the same seed), then each decoder linear is quantized straight onto the
-    device (``quantize_linears``) and the rest moved there, so the device never holds a dense copy of the weights.
-    """
-    from transformers import AutoModelForCausalLM
-
-    from slimtune.models.load import quantize_linears
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    model.to_empty(device="cpu")
-    std = float(getattr(config, "initializer_range", 0.02) or 0.02)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1 and "norm" in name:
-                p.fill_(1.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.normal_(0.0, std, generator=gen)
-    # non-persistent buffers (rotary inv_freq) are lost by to_empty: rebuild the modules that own them
-    for name, module in list(model.named_modules()):
-        if name.endswith("rotary_emb"):
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, type(module)(config=model.config))
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    if quant != "none":
-        quantize_linears(model, mode=quant, compute_dtype=dtype, double_quant=double_quant, device=device)
-    model.to(device)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.config.use_cache = False
-    model.train()
-    return model
+# --------------------------------------------------------------------------------------------- the models
 
 
 def build_slimtune(config, cfg: BenchConfig, *, device: torch.device, dtype: torch.dtype, targets: tuple[str, ...]
                    ) -> tuple[nn.Module, list[str]]:
     """The slimtune side: NF4 base, slimtune adapters, fused kernels, chunked CE, ``cfg.checkpointing``."""
-    from slimtune.adapters.base import get_adapter_class
-    from slimtune.adapters.inject import inject
-    from slimtune.models.fused import fuse_model
-    from slimtune.train.checkpointing import enable_checkpointing
-
     model = random_base(config, device=device, dtype=dtype, seed=cfg.seed)
     cls = get_adapter_class(cfg.adapter)
     inject(model, cls.Config(kind=cfg.adapter, rank=cfg.rank, alpha=_alpha(cfg), targets=list(targets)))
@@ -245,46 +197,37 @@ def _alpha(cfg: BenchConfig) -> float:
     return float(cfg.alpha) if cfg.alpha is not None else 2.0 * cfg.rank
 
 
-def _loss_fn(tool: str) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
-    if tool == "slimtune":
-        from slimtune.models.fused import causal_lm_loss
-
-        return lambda model, ids: causal_lm_loss(model, input_ids=ids, labels=ids)
-    return baseline_loss
-
-
 # --------------------------------------------------------------------------------------------- training steps
 
 
-def _train_step(model, opt, loss_fn, ids, meter: PhaseMeter | None) -> float:
-    phase = meter.phase if meter is not None else (lambda _n: contextlib.nullcontext())
-    with phase("forward"):
-        loss = loss_fn(model, ids)
-    with phase("backward"):
-        loss.backward()
-    with phase("optimizer"):
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return float(loss.detach())
+def bench_recipe(cfg: BenchConfig, device: torch.device, targets: tuple[str, ...]) -> Recipe:
+    """The bench's optimisation as a recipe for ``Trainer``: ``cfg.steps`` steps of one micro-batch at constant
+    ``cfg.lr``, the recipe's default clipping (max_grad_norm 1.0). The model and data are given to the trainer
+    (neither is read from here); fusing and checkpointing were applied when the model was built."""
+    return Recipe.model_validate({
+        "name": "bench",
+        "model": {"name": cfg.model_config},
+        "quant": {"mode": "nf4"},
+        "adapter": {"kind": cfg.adapter, "rank": cfg.rank, "alpha": _alpha(cfg), "targets": list(targets)},
+        "data": {"sources": [{"path": "bench:random-tokens"}], "format": "text"},  # Trainer(data=...) is used
+        "train": {"lr": cfg.lr, "schedule": "constant", "warmup": 0, "steps": cfg.steps, "micro_batch": cfg.batch,
+                  "optimizer": cfg.optimizer, "seed": cfg.seed, "fused": False, "device": device.type},
+    })
+
+
+def token_data(ids: torch.Tensor, seed: int) -> TrainData:
+    """The (batch, seq) random tokens as training data: labels = inputs, one micro-batch per epoch, in order."""
+    rows = ids.cpu()
+    return TrainData(examples=[{"input_ids": r, "labels": r} for r in rows], stats={}, holdout=[], pad_id=0,
+                     seed=seed, shuffle=False)
+
+
+def batch_of(ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
 
 
 def _is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
-
-
-def _try_step(model, opt, loss_fn, ids_fn, seq: int, device: torch.device) -> bool:
-    """One training step at ``seq`` tokens per sequence; False on an out-of-memory error (memory freed)."""
-    oom = False
-    try:
-        _train_step(model, opt, loss_fn, ids_fn(seq), None)
-    except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
-        if not _is_oom(err):
-            raise
-        oom = True
-    if oom:
-        opt.zero_grad(set_to_none=True)
-    free_memory(device)
-    return not oom
+    return isinstance(err, (torch.cuda.OutOfMemoryError, ResourceError)) or "out of memory" in str(err).lower()
 
 
 def search_max_context(try_seq: Callable[[int], bool], *, start: int, limit: int, log: Log | None = None
@@ -339,12 +282,10 @@ def _estimate_for(tool: str, config, cfg: BenchConfig, dtype: torch.dtype, targe
 
 @dataclass
 class _Side:
-    """One tool's model in a bench: what its measurements need."""
+    """One tool's model in a bench, trained by ``Trainer``: what its measurements need."""
 
     tool: str
-    model: nn.Module
-    opt: torch.optim.Optimizer
-    loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    trainer: Trainer
     mode: str  # its checkpointing mode
     config: Any
     cfg: BenchConfig
@@ -352,38 +293,61 @@ class _Side:
     dtype: torch.dtype
     targets: tuple[str, ...]
 
+    @property
+    def model(self) -> nn.Module:
+        return self.trainer.model
+
     def ids(self, seq_len: int, seed_offset: int = 1) -> torch.Tensor:
         return random_tokens(self.config.vocab_size, self.cfg.batch, seq_len, seed=self.cfg.seed + seed_offset,
                              device=self.device)
+
+    def loss(self, ids: torch.Tensor) -> torch.Tensor:
+        """The tool's training loss on ``ids`` (a forward only: what the measurements of saved bytes run)."""
+        return self.trainer.loss_fn(self.model, batch_of(ids))
 
     def estimate(self, seq_len: int) -> Estimate:
         return _estimate_for(self.tool, self.config, self.cfg, self.dtype, self.targets, seq_len)
 
     def try_step(self, ids: torch.Tensor) -> bool:
-        return _try_step(self.model, self.opt, self.loss_fn, lambda _s: ids, ids.shape[1], self.device)
+        """One training step (``Trainer.step``) on ``ids``; False on an out-of-memory error (memory freed)."""
+        oom = False
+        try:
+            self.trainer.step([batch_of(ids)])
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
+            if not _is_oom(err):
+                raise
+            oom = True
+        if oom:
+            self.trainer.optimizer.zero_grad(set_to_none=True)
+        free_memory(self.device)
+        return not oom
 
 
 def _build_side(tool: str, config, cfg: BenchConfig, *, device: torch.device, dtype: torch.dtype,
-                targets: tuple[str, ...], out: dict[str, Any]) -> _Side:
-    from slimtune.config.recipe import TrainConfig
-    from slimtune.train.optim import build_optimizer
-
+                targets: tuple[str, ...], out: dict[str, Any], run_dir: Path) -> _Side:
+    """Build the tool's model and its ``Trainer`` (slimtune: its adapters, trained as adapters; the baseline: the
+    PEFT model, whose trainable parameters are the LoRA weights, with HF's loss)."""
     if tool == "slimtune":
         model, out["fuse_report"] = build_slimtune(config, cfg, device=device, dtype=dtype, targets=targets)
         mode = cfg.checkpointing
         out["description"] = (f"slimtune {cfg.adapter} adapters, fused kernels, chunked linear CE, "
                               f"checkpointing {mode}")
+        kw: dict[str, Any] = {"trainable": "adapter"}
     else:
         base = random_base(config, device=device, dtype=dtype, seed=cfg.seed)
         model = build_baseline(base, kind=cfg.adapter, rank=cfg.rank, alpha=_alpha(cfg), targets=targets)
         mode = "full"
         out["description"] = ("HF transformers + PEFT LoRA on bitsandbytes Linear4bit, SDPA, HF gradient "
                               "checkpointing (use_reentrant=False), model(ids, labels).loss")
+        kw = {"trainable": "model", "loss_fn": baseline_loss_sum}
     out["checkpointing"] = mode
-    params = [p for p in model.parameters() if p.requires_grad]
-    out["trainable_params"] = sum(p.numel() for p in params)
-    opt = build_optimizer(params, TrainConfig(optimizer=cfg.optimizer, lr=cfg.lr))
-    return _Side(tool, model, opt, _loss_fn(tool), mode, config, cfg, device, dtype, targets)
+    out["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    side_ids = random_tokens(config.vocab_size, cfg.batch, cfg.seq_len, seed=cfg.seed + 1, device=device)
+    trainer = Trainer(bench_recipe(cfg, device, targets), run_dir=run_dir, stage=tool, handle_signals=False,
+                      loaded=LoadedModel(model, None, dtype, device, source=f"bench:{cfg.model_config}"),
+                      data=token_data(side_ids, cfg.seed), **kw)
+    trainer.setup()
+    return _Side(tool, trainer, mode, config, cfg, device, dtype, targets)
 
 
 def run_tool(tool: str, config, cfg: BenchConfig, *, device: torch.device, dtype: torch.dtype,
@@ -393,41 +357,56 @@ def run_tool(tool: str, config, cfg: BenchConfig, *, device: torch.device, dtype
     out: dict[str, Any] = {"tool": tool, "rss_start_bytes": current_rss()}
     meter = PhaseMeter(device)
     log(f"{tool}: building the model")
-    with meter.phase("load"):
-        side = _build_side(tool, config, cfg, device=device, dtype=dtype, targets=targets, out=out)
-    _train(side, meter, out, log)
-    est = side.estimate(cfg.seq_len)
-    log(f"{tool}: measuring bytes saved for backward")
-    _saved_figures(side, est, out)
-    out["seq_sweep"] = _sweep(side, out, log)
-    out["max_context"] = _max_context(side, est, log)
-    del side
+    with tempfile.TemporaryDirectory(prefix=f"slimtune-bench-{tool}-") as run_dir:  # the trainer's metrics.jsonl
+        with meter.phase("load"):
+            side = _build_side(tool, config, cfg, device=device, dtype=dtype, targets=targets, out=out,
+                               run_dir=Path(run_dir))
+        _train(side, meter, out, log)
+        est = side.estimate(cfg.seq_len)
+        log(f"{tool}: measuring bytes saved for backward")
+        _saved_figures(side, est, out)
+        out["seq_sweep"] = _sweep(side, out, log)
+        out["max_context"] = _max_context(side, est, log)
+        side.trainer.cleanup()
+        del side
     free_memory(device)
     return out
 
 
+class _Measure(TrainerCallback):
+    """Per-phase peak memory (``PhaseMeter``) and a log line per step, from inside ``Trainer.train``."""
+
+    def __init__(self, meter: PhaseMeter, log: Log, tokens: int):
+        self.meter, self.log, self.tokens = meter, log, tokens
+
+    def phase(self, trainer, name: str):
+        return self.meter.phase(name)
+
+    def on_step_end(self, trainer, result) -> None:
+        self.log(f"{trainer.stage}: step {result.step}/{trainer.total_steps} loss {result.loss:.4f} "
+                 f"{self.tokens / result.seconds:,.0f} tok/s")
+
+
 def _train(side: _Side, meter: PhaseMeter, out: dict[str, Any], log: Log) -> None:
     """``cfg.steps`` training steps with per-phase memory; fills step times, losses, tokens/s and the phases."""
-    cfg = side.cfg
-    ids = side.ids(cfg.seq_len)
+    cfg, trainer = side.cfg, side.trainer
     tokens = cfg.batch * cfg.seq_len
-    step_seconds: list[float] = []
-    losses: list[float] = []
     out["oom"] = False
+    measure = _Measure(meter, log, tokens)
+    trainer.callbacks.append(measure)
     try:
-        for i in range(cfg.steps):
-            t0 = time.perf_counter()
-            losses.append(_train_step(side.model, side.opt, side.loss_fn, ids, meter))
-            step_seconds.append(time.perf_counter() - t0)
-            log(f"{side.tool}: step {i + 1}/{cfg.steps} loss {losses[-1]:.4f} "
-                f"{tokens / step_seconds[-1]:,.0f} tok/s")
-    except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
+        trainer.train()
+    except (torch.cuda.OutOfMemoryError, RuntimeError, ResourceError) as err:
         if not _is_oom(err):
             raise
         out["oom"] = True
         log(f"{side.tool}: out of memory at {cfg.seq_len} x {cfg.batch} tokens")
-    side.opt.zero_grad(set_to_none=True)
+    finally:
+        trainer.callbacks.remove(measure)
+    trainer.optimizer.zero_grad(set_to_none=True)
     free_memory(side.device)
+    step_seconds = [h.seconds for h in trainer.history]
+    losses = [h.loss for h in trainer.history]
     timed = step_seconds[cfg.warmup:]
     out["step_seconds"] = [round(s, 5) for s in step_seconds]
     out["losses"] = [round(v, 5) for v in losses]
@@ -482,7 +461,7 @@ def measure_step_saved(side: _Side, ids: torch.Tensor) -> int:
     """Bytes kept for backward by a whole forward with the loss (device + offloaded host memory): the decoder in
     the tool's checkpointing mode plus what the loss keeps (HF: the (T, V) logits' log-softmax; slimtune: dx)."""
     with recording_offload() as host:
-        r = saved_bytes(lambda: side.loss_fn(side.model, ids), modules=[side.model])
+        r = saved_bytes(lambda: side.loss(ids), modules=[side.model])
     return r.activation_bytes + int(host["bytes"])
 
 
@@ -546,56 +525,6 @@ def _mib(n: int | None) -> str:
     return "OOM" if n is None else f"{n / 2**20:.2f} MiB"
 
 
-# --------------------------------------------------------------------------------------------- environment
-
-
-def _version(pkg: str) -> str | None:
-    try:
-        return importlib.metadata.version(pkg)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def git_sha() -> str | None:
-    """``git rev-parse HEAD`` of the checkout this package runs from (None outside a git checkout)."""
-    root = Path(__file__).resolve().parents[2]
-    try:
-        res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return res.stdout.strip() or None if res.returncode == 0 else None
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            m = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
-        if m:
-            return f"CPU: {m.group(1).strip()} ({os.cpu_count()} logical cores, {torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return f"CPU: {platform.processor() or platform.machine()}"
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    env: dict[str, Any] = {
-        "device": str(device),
-        "device_name": device_name(device),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "git_sha": git_sha(),
-        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-    }
-    for pkg in ("torch", "triton", "bitsandbytes", "transformers", "peft"):
-        env[pkg] = _version(pkg)
-    if device.type == "cuda":
-        env["cuda"] = torch.version.cuda
-        env["gpu_total_bytes"] = torch.cuda.get_device_properties(device).total_memory
-    return env
-
-
 # --------------------------------------------------------------------------------------------- the bench
 
 
@@ -648,6 +577,7 @@ def run_bench(cfg: BenchConfig, *, log: Log | None = None, argv: list[str] | Non
             "steps": cfg.steps, "warmup": cfg.warmup, "optimizer": cfg.optimizer, "lr": cfg.lr,
             "slimtune_checkpointing": cfg.checkpointing, "baseline_checkpointing": "full (HF, use_reentrant=False)",
             "seed": cfg.seed, "mem_cap_gib": cfg.mem_cap_gib,
+            "loop": "slimtune Trainer for both tools (constant lr, max_grad_norm 1.0)",
         },
         "tools": {},
     }
@@ -669,25 +599,17 @@ def warm_up(cfg: BenchConfig, *, device: torch.device, dtype: torch.dtype, targe
     bitsandbytes and the kernels, torch's CPU thread pools and oneDNN buffers) would otherwise land in the first
     tool's memory and time figures.
     """
-    from slimtune.config.recipe import TrainConfig
-    from slimtune.models.tiny import tiny_llama_config
-    from slimtune.train.optim import build_optimizer
-
     tiny = tiny_llama_config(num_hidden_layers=1)
     tiny.use_cache = False
     tiny._attn_implementation = "sdpa"
     small = BenchConfig(**{**asdict(cfg), "seq_len": 16, "batch": 1})
     for tool in cfg.tools:
-        if tool == "slimtune":
-            model, _ = build_slimtune(tiny, small, device=device, dtype=dtype, targets=targets)
-        else:
-            base = random_base(tiny, device=device, dtype=dtype, seed=cfg.seed)
-            model = build_baseline(base, kind=cfg.adapter, rank=cfg.rank, alpha=_alpha(cfg), targets=targets)
-        opt = build_optimizer([p for p in model.parameters() if p.requires_grad],
-                              TrainConfig(optimizer=cfg.optimizer, lr=cfg.lr))
-        ids = random_tokens(tiny.vocab_size, 1, 16, seed=cfg.seed, device=device)
-        _train_step(model, opt, _loss_fn(tool), ids, None)
-        del model, opt
+        with tempfile.TemporaryDirectory(prefix=f"slimtune-bench-warmup-{tool}-") as run_dir:
+            side = _build_side(tool, tiny, small, device=device, dtype=dtype, targets=targets, out={},
+                               run_dir=Path(run_dir))
+            side.try_step(side.ids(16))
+            side.trainer.cleanup()
+            del side
         free_memory(device)
 
 

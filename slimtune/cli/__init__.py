@@ -11,9 +11,12 @@ import sys
 # The order of these imports is the order of `slimtune --help`.
 from slimtune.cli import runs  # noqa: F401,I001  (each import registers its commands)
 from slimtune.cli import models  # noqa: F401
+from slimtune.cli import chat  # noqa: F401
 from slimtune.cli import loram  # noqa: F401
 from slimtune.cli import evaluate  # noqa: F401
 from slimtune.cli import bench  # noqa: F401
+from slimtune.cli import study  # noqa: F401
+from slimtune.cli import kernels  # noqa: F401
 from slimtune.cli.app import _quiet_third_party, _resume_value, app, err_console  # noqa: F401
 from slimtune.errors import SlimtuneError
 

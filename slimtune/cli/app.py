@@ -14,7 +14,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.markup import escape
+from rich.progress import Progress, TextColumn
 
 from slimtune.errors import SlimtuneError
 
@@ -25,17 +26,41 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 console = Console()
 err_console = Console(stderr=True)
 # Exit code of a run stopped by SIGINT/SIGTERM after saving its checkpoint (128 + SIGINT, as shells report Ctrl-C).
 INTERRUPTED_EXIT = 130
-RECIPES_DIR = Path(__file__).resolve().parent.parent.parent / "recipes"
+def _recipes_dir() -> Path:
+    """The shipped recipes: slimtune/recipes in an installed wheel, else recipes/ of the checkout."""
+    installed = Path(__file__).resolve().parent.parent / "recipes"
+    return installed if installed.is_dir() else Path(__file__).resolve().parent.parent.parent / "recipes"
+
+
+RECIPES_DIR = _recipes_dir()
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file (see `slimtune recipes`).", show_default=False)]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a key: --set train.lr=1e-4 (repeatable).")]
 SmokeOpt = Annotated[bool, typer.Option("--smoke", help="Smoke mode: SmolLM2-135M, local UDHR data, a few steps, small "
                                         "eval, outputs under --smoke-dir (see README, Language recipes).")]
 SmokeDirOpt = Annotated[Path, typer.Option("--smoke-dir", help="Root folder of smoke runs and their generated data.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        import torch
+
+        from slimtune import __version__
+
+        cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only"
+        console.print(f"slimtune {__version__} (torch {torch.__version__}, {cuda})", highlight=False)
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", "-V", is_eager=True, callback=_version,
+                                                help="Print the version and exit.")] = False) -> None:
+    """Memory-efficient single-GPU fine-tuning on 4-bit bases (QLoRA, rsLoRA, DoRA, LaMDA, IntTune, LayRA, LoRAM)."""
 
 
 def guarded(fn):
@@ -46,7 +71,7 @@ def guarded(fn):
         try:
             return fn(*args, **kwargs)
         except SlimtuneError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("interrupted", highlight=False)
@@ -63,35 +88,94 @@ def _human(n: float) -> str:
     return str(n)
 
 
+def _clock(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds or seconds == float("inf"):
+        return "-:--:--"
+    s = int(max(seconds, 0))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def progress_line(width: int, *, step: int, total: int, elapsed: float, eta: float | None, loss: float | None = None,
+                  lr: float | None = None, tps: float | None = None, peak: int | None = None,
+                  skipped: bool = False) -> str:
+    """One progress line that fits `width` columns: whole fields only, the least useful dropped first.
+
+    Priority: step/total, loss, eta, tok/s, elapsed, lr, peak memory; the bar takes what is left (if ≥ 8 columns).
+    A figure is never cut: a field either appears whole or not at all.
+    """
+    fields: list[tuple[int, str]] = [(0, f"{step}/{total}")]  # (priority, text); the order below is display order
+    if loss is not None:
+        fields.append((1, f"loss {loss:.4f}"))
+    if lr is not None:
+        fields.append((5, f"lr {lr:.2e}"))
+    if tps is not None:
+        fields.append((3, f"{tps:,.0f} tok/s"))
+    if peak is not None:
+        fields.append((6, f"peak {_human(peak)}"))
+    if skipped:
+        fields.append((1, "skipped"))
+    fields.append((4, _clock(elapsed)))
+    fields.append((2, f"eta {_clock(eta)}"))
+    sep = "  "
+    keep = sorted(range(len(fields)), key=lambda i: fields[i][0])
+    while keep and len(sep.join(fields[i][1] for i in sorted(keep))) > width:
+        keep.pop()
+    text = sep.join(fields[i][1] for i in sorted(keep))
+    room = width - len(text) - 2 - len(sep)
+    if room >= 8 and total > 0:
+        filled = round(room * min(step / total, 1.0))
+        text = "[" + "#" * filled + "-" * (room - filled) + "]" + sep + text
+    return text
+
+
 class RichReporter:
-    """Live progress: loss, lr, tokens/s, ETA and peak memory."""
+    """Live progress on one line (step, loss, eta, tok/s, elapsed, lr, peak memory), fitted to the terminal
+    width at every update; messages print above it."""
 
     def __init__(self, quiet: bool = False):
         self.quiet = quiet
         self.progress: Progress | None = None
         self.task = None
+        self.total = 0
+        self._t0 = 0.0
+        self._done0 = 0
+        self._last: dict[str, Any] = {}
 
     def log(self, message: str) -> None:
         if not self.quiet:
-            (self.progress.console if self.progress else console).print(f"[dim]·[/] {message}", highlight=False)
+            (self.progress.console if self.progress else console).print(f"[dim]·[/] {escape(message)}",
+                                                                         highlight=False)
 
     def warn(self, message: str) -> None:
-        (self.progress.console if self.progress else err_console).print(f"[yellow]warning:[/] {message}", highlight=False)
+        (self.progress.console if self.progress else err_console).print(f"[yellow]warning:[/] {escape(message)}",
+                                                                         highlight=False)
+
+    def _line(self, step: int) -> str:
+        import time
+
+        elapsed = time.perf_counter() - self._t0
+        rate = (step - self._done0) / elapsed if elapsed > 0 and step > self._done0 else 0.0
+        eta = (self.total - step) / rate if rate > 0 else None
+        width = max(console.width - 1, 20)  # read at every update: follows a resized terminal
+        return progress_line(width, step=step, total=self.total, elapsed=elapsed, eta=eta, **self._last)
 
     def start(self, *, total: int, done: int) -> None:
-        self.progress = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
-            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, disable=self.quiet,
-        )
+        import time
+
+        self.total, self._done0, self._t0, self._last = total, done, time.perf_counter(), {}
+        self.progress = Progress(TextColumn("{task.fields[line]}", markup=False), console=console,
+                                 disable=self.quiet, auto_refresh=False)
         self.progress.start()
-        self.task = self.progress.add_task("train", total=total, completed=done, stats="")
+        self.task = self.progress.add_task("train", total=total, completed=done, line=self._line(done))
+        self.progress.refresh()
 
     def step(self, result: Any, peak_memory_bytes: int) -> None:
         tps = result.tokens / result.seconds if result.seconds > 0 else 0.0
-        stats = (f"loss {result.loss:.4f}  lr {result.lr:.2e}  {tps:,.0f} tok/s  peak {_human(peak_memory_bytes)}"
-                 + ("  [yellow]skipped[/]" if result.skipped else ""))
+        self._last = {"loss": result.loss, "lr": result.lr, "tps": tps, "peak": peak_memory_bytes,
+                      "skipped": bool(result.skipped)}
         if self.progress is not None:
-            self.progress.update(self.task, completed=result.step, stats=stats)
+            self.progress.update(self.task, completed=result.step, line=self._line(result.step))
+            self.progress.refresh()
 
     def stop(self) -> None:
         if self.progress is not None:

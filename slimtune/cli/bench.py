@@ -22,9 +22,18 @@ def estimate_cmd(
     gpu_mem: Annotated[float, typer.Option("--gpu-mem", help="GPU memory (GiB) to check the fit against.")] = 24.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print every figure as JSON instead of a table.")] = False,
     set_: SetOpt = None,
+    nproc: Annotated[int, typer.Option(
+        "--nproc", min=1, help="GPUs of a data-parallel run (torchrun, `run --nproc`): the figures are per rank. "
+        "DDP: every rank holds the full base, the adapter state and the activations of its own micro_batch; the "
+        "gradients live in DDP's buckets (gradient_as_bucket_view), not in a second copy.")] = 1,
+    explain: Annotated[bool, typer.Option(
+        "--explain", help="Also show the memory floor: the estimate with every memory switch off, then one more "
+        "switch on per row (NF4 lm_head, embeddings in host memory, offload, 8-bit AdamW, bf16 adapters with the "
+        "optimizer on the host), with the host memory and the longest context at batch 1.")] = False,
 ) -> None:
     """Peak GPU memory of a recipe's training step, component by component, from the model config alone (no
-    weights, no GPU). Multi-stage recipes: every stage is estimated and the largest is shown."""
+    weights, no GPU). Multi-stage recipes: every stage is estimated and the largest is shown. With --nproc N:
+    per rank of a DDP run on N GPUs."""
     from slimtune.bench.estimate import GiB, estimate_recipe_stages, format_table, to_json
 
     if not gpu_mem > 0:
@@ -32,10 +41,18 @@ def estimate_cmd(
     r = _load(recipe, set_)
     stages = estimate_recipe_stages(r, gpu_mem)
     name, worst = max(stages, key=lambda s: s[1].total_bytes)
+    accum = {s.name: sr.train.grad_accum for s, sr in r.resolved_stages() if s.kind == "train"}
+    global_batch = worst.inputs["micro_batch"] * accum.get(name, r.train.grad_accum) * nproc
     if as_json:
-        data = {"recipe": str(recipe), "stage": name, **to_json(worst),
+        data = {"recipe": str(recipe), "stage": name, **to_json(worst), "nproc": nproc,
+                "per_rank_total_bytes": worst.total_bytes, "global_batch_sequences": global_batch,
                 "stages": [{"stage": n, "total_bytes": e.total_bytes, "total_gib": round(e.total_bytes / GiB, 4),
                             "fits": e.fits(), "max_seq_len": e.max_seq_len_that_fits()} for n, e in stages]}
+        if explain:
+            from slimtune.bench.floor import explain as floor_ladder
+
+            data["floor"] = [{k: v for k, v in vars(row).items() if k != "estimate"}
+                             for row in floor_ladder(worst, gpu_mem)]
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
         return
     console.print(format_table(worst))
@@ -49,6 +66,18 @@ def estimate_cmd(
         console.print(table)
     for note in worst.notes:
         console.print(f"[dim]note:[/] {note}", highlight=False)
+    if explain:
+        from slimtune.bench.floor import explain as floor_ladder
+        from slimtune.bench.floor import format_explain
+
+        console.print(format_explain(floor_ladder(worst, gpu_mem), gpu_mem))
+    if nproc > 1:
+        each, total = worst.total_bytes / GiB, nproc * worst.total_bytes / GiB
+        mb, ga = worst.inputs["micro_batch"], accum.get(name, r.train.grad_accum)
+        console.print(f"per rank of a DDP run on {nproc} GPUs: {each:.3f} GiB each (the table above: full base, "
+                      f"adapter state and activations on every rank), {total:.1f} GiB in all; global batch {mb} x "
+                      f"{ga} x {nproc} = {global_batch} sequences of {worst.inputs['seq_len']} tokens. NCCL's own "
+                      f"communicator buffers are not included.", highlight=False)
 
 
 @app.command()

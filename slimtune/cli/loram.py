@@ -8,7 +8,6 @@ from typing import Annotated, Optional
 import typer
 
 from slimtune.cli.app import RichReporter, app, console, guarded
-from slimtune.errors import SlimtuneError
 
 
 loram_app = typer.Typer(
@@ -43,12 +42,6 @@ def loram_prune(
     from slimtune.loram.pipeline import describe_reduction, prune_to_folder
     from slimtune.models.load import ModelConfig
 
-    if not 0.0 <= ratio < 1.0:
-        raise SlimtuneError(f"--ratio {ratio}: must be in [0, 1)")
-    if method not in ("magnitude", "random"):
-        raise SlimtuneError(f"--method {method}: choose magnitude or random")
-    if keep_first < 0 or keep_last < 0:
-        raise SlimtuneError("--keep-first/--keep-last: must be >= 0")
     settings = SimpleNamespace(ratio=ratio, method=method, keep_first=keep_first, keep_last=keep_last, seed=seed)
     summary = prune_to_folder(ModelConfig(name=model), settings, out, reporter=RichReporter())
     console.print(f"[green]pruned[/] {len(summary['pruned_layers'])} layers of {model} into {out}: "

@@ -20,34 +20,105 @@ def merge(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the merged model.")],
     model: Annotated[Optional[str], typer.Option("--model", help="Base model (default: the run's recipe model).")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="bfloat16 | float16 | float32")] = "bfloat16",
+    onto: Annotated[str, typer.Option("--onto", help="original: the base as stored | dequantized: the NF4-"
+                                      "dequantized weights the adapter was trained against.")] = "original",
 ) -> None:
     """Merge a trained adapter into its base and write a full model (safetensors + config + tokenizer)."""
-    from slimtune.models.load import DTYPES, ModelConfig
-    from slimtune.train.merge import merge_to_folder
+    from slimtune.export.merge import merge_to_folder
+    from slimtune.models.load import ModelConfig
 
     native, base = _adapter_and_model(adapter, model)
-    if dtype not in DTYPES:
-        raise SlimtuneError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
-    path = merge_to_folder(ModelConfig(name=base), native, out, dtype=dtype)
-    console.print(f"[green]merged[/] model written to {path}", highlight=False)
+    path = merge_to_folder(ModelConfig(name=base), native, out, dtype=dtype, onto=onto)
+    console.print(f"[green]merged[/] model (onto the {onto} base) written to {path}", highlight=False)
+
+
+FORMATS = ("peft", "gguf", "gguf-lora")
 
 
 @app.command()
 @guarded
 def export(
-    adapter: Annotated[Path, typer.Argument(help="A run's adapter_native/ folder (or a run folder).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the PEFT adapter.")],
+    adapter: Annotated[Path, typer.Argument(help="A run folder, its adapter_native/ or a PEFT adapter folder.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: RUN/<format>/).")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="Base model (default: the run's recipe model).")] = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="peft | gguf (merged model, llama.cpp/Ollama) | "
+                                     "gguf-lora (the adapter alone, llama.cpp LoRA GGUF).")] = "peft",
+    quant: Annotated[str, typer.Option("--quant", "-q", help="--format gguf: Q4_K_M | Q5_K_M | Q6_K | Q8_0 | Q4_0 "
+                                       "| F16 | BF16")] = "Q4_K_M",
+    onto: Annotated[str, typer.Option("--onto", help="--format gguf: merge into the original base or the "
+                                      "NF4-dequantized one the adapter was trained on.")] = "original",
+    name: Annotated[Optional[str], typer.Option("--name", help="Model name for Ollama (default: the run folder's "
+                                                "name).")] = None,
 ) -> None:
-    """Export a trained adapter in PEFT format (adapter_config.json + adapter_model.safetensors)."""
+    """Export a trained adapter: PEFT format, a merged GGUF (+ Ollama Modelfile), or a llama.cpp LoRA GGUF."""
+    if fmt not in FORMATS:
+        raise SlimtuneError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
+    root = adapter.parent if adapter.name in ("adapter_native", "adapter") else adapter
+    out = out or root / fmt.replace("-", "_")
+    if fmt == "peft":
+        path = _peft_folder(adapter, model, out)
+        console.print(f"[green]exported[/] PEFT adapter to {path}", highlight=False)
+        return
+    from slimtune.export.mixes import FILE_TYPES
+
+    if fmt == "gguf" and quant not in FILE_TYPES:  # before any loading
+        raise SlimtuneError(f"--quant {quant}: choose one of {', '.join(FILE_TYPES)}")
+    peft_dir, base = _peft_for(adapter, model)
+    _export_gguf_files(peft_dir, base, out, fmt=fmt, quant=quant, onto=onto, name=name or root.resolve().name)
+
+
+def _export_gguf_files(peft_dir: Path, base: str, out: Path, *, fmt: str, quant: str, onto: str, name: str) -> None:
+    """The GGUF exports behind `slimtune export --format gguf|gguf-lora`, with a progress bar and a summary."""
+    from rich.progress import Progress
+
+    from slimtune.export.run import export_adapter_gguf
+
+    if fmt == "gguf-lora":
+        files = export_adapter_gguf(peft_dir, base, out, name=name, quant=None, lora=True)
+        console.print(f"[green]wrote[/] llama.cpp LoRA GGUF {files.lora} (base: {base})", highlight=False)
+        return
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task(f"GGUF {quant}", total=None)
+        files = export_adapter_gguf(peft_dir, base, out, name=name, quant=quant, onto=onto,
+                                    progress=lambda msg: bar.update(task, advance=1, description=f"GGUF {quant}: {msg}"))
+    res = files.gguf
+    types = ", ".join(f"{k}×{v}" for k, v in sorted(res.types.items()))
+    console.print(f"[green]wrote[/] {res.path} ({res.path.stat().st_size / 2**20:.1f} MiB; {types}; merged onto the "
+                  f"{onto} base {base}; {res.seconds:.1f} s) and {files.modelfile.name}", highlight=False)
+    console.print(f"Ollama: {files.ollama}", highlight=False, markup=False, soft_wrap=True)
+
+
+def _peft_folder(adapter: Path, model: str | None, out: Path) -> Path:
+    """The PEFT export of `slimtune export --format peft`: the same folder a run writes (a base PEFT loads by name,
+    the tokenizer with the chat template the run trained with, the original base spec in slimtune.json)."""
     from slimtune.adapters.export import export_peft, load_native
-    from slimtune.models.load import ModelConfig, QuantConfig, load_model
+    from slimtune.export.merge import trained_chat_template
+    from slimtune.models.load import ModelConfig, QuantConfig, load_model, peft_base_name
 
     native, base = _adapter_and_model(adapter, model)
     loaded = load_model(ModelConfig(name=base), QuantConfig(mode="none", compute_dtype="float32"), device="cpu")
     load_native(loaded.model, native)
-    path = export_peft(loaded.model, out, base_model_name_or_path=base)
-    console.print(f"[green]exported[/] PEFT adapter to {path}", highlight=False)
+    template = trained_chat_template(native)
+    if template is not None:
+        loaded.tokenizer.chat_template = template
+    return export_peft(loaded.model, out, base_model_name_or_path=peft_base_name(base), tokenizer=loaded.tokenizer,
+                       metadata={"base_model": base})
+
+
+def _peft_for(adapter: Path, model: str | None) -> tuple[Path, str]:
+    """A PEFT folder for ``adapter`` (the run's adapter/, or one exported now from adapter_native/) and the base."""
+    from slimtune.adapters.export import PEFT_CONFIG
+
+    for cand in (adapter, adapter / "adapter"):
+        if (cand / PEFT_CONFIG).is_file():
+            meta = cand / "slimtune.json"
+            base = model or (json.loads(meta.read_text()).get("base_model") if meta.is_file() else None) \
+                or json.loads((cand / PEFT_CONFIG).read_text()).get("base_model_name_or_path")
+            if not base:
+                raise SlimtuneError(f"{adapter}: base model unknown; pass --model")
+            return cand, base
+    native, base = _adapter_and_model(adapter, model)
+    return _peft_folder(adapter, model, native.parent / "adapter"), base
 
 
 @app.command()

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from slimtune.adapters.base import adapter_config_union, registry
+from slimtune.adapters.base import adapter_config_union, modes, registry
 from slimtune.config.data import DataConfig
 from slimtune.config.eval import EvalConfig
 from slimtune.errors import RecipeError
@@ -47,6 +47,14 @@ class TrainConfig(BaseModel):
     """Micro-batches per optimizer step; the loss is normalised by the target tokens of all of them."""
     optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = "adamw"
     """torch AdamW (fp32 state) or bitsandbytes 8-bit (paged) AdamW."""
+    adapter_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Dtype of the trainable adapter weights and their gradients; bfloat16 keeps fp32 master copies inside the
+    optimizer only (slimtune.train.optim.MasterWeights)."""
+    optimizer_on: Literal["device", "cpu"] = "device"
+    """Where the fp32 master copies and the optimizer state live: with the parameters, or in host memory."""
+    embeddings_on: Literal["gpu", "cpu"] = "gpu"
+    """cpu: the frozen input embedding table stays in (pinned) host memory; only the looked-up rows travel
+    (slimtune.models.embeddings). Refused for a tied, unquantized lm_head and for a trained table."""
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     max_grad_norm: float = Field(1.0, ge=0)
@@ -54,8 +62,9 @@ class TrainConfig(BaseModel):
     grad_checkpointing: Literal["none", "full", "offload"] = "none"
     """Recompute each decoder layer in backward (full), and keep its input in pinned CPU memory (offload)."""
     seed: int = Field(42, ge=0, lt=2**63)
-    kernels: Literal["auto", "triton", "torch"] = "auto"
-    """Fused-op backend: Triton on CUDA, the torch reference elsewhere (auto)."""
+    kernels: Literal["auto", "triton", "dequant", "torch"] = "auto"
+    """Fused-op backend. auto: on CUDA each op's candidates (triton, dequant = dequantize + cuBLAS, torch) are
+    timed on the real inputs at first use and the fastest correct one kept (cached on disk); torch on CPU."""
     fused: bool = True
     """Swap supported decoder layers to the fused ops (layers that cannot take it are listed in the log)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -66,13 +75,43 @@ class TrainConfig(BaseModel):
     log_every: int = Field(1, gt=0)
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """A non-finite loss or gradient stops the run (keeping the last good checkpoint) or skips that step."""
+    eval_every: int = Field(0, ge=0)
+    """Validation loss and perplexity every N optimizer steps on the records `data.val_split` keeps out (and at
+    the end); 0: never during training."""
+    keep_best: bool = False
+    """With eval_every: also keep the adapter of the lowest validation loss (best_adapter/, PEFT format)."""
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "jsonl"]] = Field(default_factory=list)
+    """Metric loggers besides metrics.jsonl (always written; `jsonl` names it): TensorBoard event files under
+    <run>/tensorboard, Weights & Biases (WANDB_MODE=offline works), MLflow (MLFLOW_TRACKING_URI, default
+    sqlite:///<run>/mlflow.db). Each needs its library (pip install 'slimtune[tensorboard]', '[wandb]', '[mlflow]')."""
 
     @model_validator(mode="before")
     @classmethod
     def _bool_checkpointing(cls, data: Any) -> Any:
         if isinstance(data, dict) and isinstance(data.get("grad_checkpointing"), bool):
             data = {**data, "grad_checkpointing": "full" if data["grad_checkpointing"] else "none"}
+        if isinstance(data, dict) and isinstance(data.get("report_to"), str):
+            data = {**data, "report_to": [] if data["report_to"] == "none" else [data["report_to"]]}
         return data
+
+    @model_validator(mode="after")
+    def _keep_best(self) -> TrainConfig:
+        if self.keep_best and not self.eval_every:
+            raise ValueError("keep_best: needs train.eval_every (and data.val_split)")
+        return self
+
+
+class GGUFOutputConfig(BaseModel):
+    """A GGUF export at the end of the run (recipe key ``output.gguf``; slimtune.export writes it)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    quant: Literal["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0", "F16", "BF16"] | None = "Q4_K_M"
+    """The merged model's GGUF file type (gguf/<run>-<quant>.gguf + an Ollama Modelfile); null: no merged file."""
+    lora: bool = False
+    """Also write the adapter alone as a llama.cpp LoRA GGUF (gguf/<run>-lora.gguf)."""
+    onto: Literal["original", "dequantized"] = "original"
+    """Merge into the base as stored, or into the NF4-dequantized weights the adapter was trained against."""
 
 
 class OutputConfig(BaseModel):
@@ -87,6 +126,8 @@ class OutputConfig(BaseModel):
     save_merged: bool = False
     """Write the merged full model (merged/: safetensors + config + tokenizer)."""
     merged_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    gguf: GGUFOutputConfig | None = None
+    """GGUF export at the end of the run (needs export_peft): {quant: Q4_K_M, lora: false}."""
 
     @field_validator("dir")
     @classmethod
@@ -230,6 +271,12 @@ class Recipe(BaseModel):
             raise ValueError("stages: stage names must be unique")
         if self.stages and self.stages[0].kind == "merge":
             raise ValueError("stages.0.kind: a merge stage needs a previous stage that trained an adapter")
+        for st, r in self.resolved_stages():
+            if (st.kind == "train" and r.train.eval_every and r.data is not None and not r.data.holdout
+                    and not r.data.eval_sources):
+                where = f"stages.{self.stages.index(st)}." if self.stages else ""
+                raise ValueError(f"{where}train.eval_every: needs validation records: set data.val_split (a "
+                                 "fraction such as 0.05, or a count) or data.eval_sources")
         return self
 
     def resolved_stages(self) -> list[tuple[StageConfig, Recipe]]:
@@ -274,7 +321,7 @@ def _key_path(loc: tuple) -> str:
     """Dotted key path of a pydantic error location, without union tags (e.g. adapter.lora.rank → adapter.rank,
     adapter.layers.LayerRange.first → adapter.layers.first, adapter.targets.literal['all-linear'] →
     adapter.targets)."""
-    kinds = set(registry())
+    kinds = set(registry()) | set(modes())
     models = _model_names()
     parts: list[str] = []
     for i, p in enumerate(loc):
@@ -288,6 +335,72 @@ def _key_path(loc: tuple) -> str:
     return ".".join(parts) or "(top level)"
 
 
+# Keys other trainers' configs use (axolotl, LLaMA-Factory, HF TrainingArguments) → slimtune's key path.
+FOREIGN_KEYS = {
+    "learning_rate": "train.lr", "lr_scheduler": "train.schedule", "lr_scheduler_type": "train.schedule",
+    "num_epochs": "train.epochs", "num_train_epochs": "train.epochs", "max_steps": "train.steps",
+    "micro_batch_size": "train.micro_batch", "per_device_train_batch_size": "train.micro_batch",
+    "batch_size": "train.micro_batch", "gradient_accumulation_steps": "train.grad_accum",
+    "warmup_steps": "train.warmup", "warmup_ratio": "train.warmup", "optim": "train.optimizer",
+    "gradient_checkpointing": "train.grad_checkpointing", "save_steps": "train.save_every",
+    "logging_steps": "train.log_every", "eval_steps": "train.eval_every", "save_total_limit": "train.keep_checkpoints",
+    "load_best_model_at_end": "train.keep_best", "report_to": "train.report_to", "seed": "train.seed",
+    "weight_decay": "train.weight_decay", "max_grad_norm": "train.max_grad_norm",
+    "lora_r": "adapter.rank", "r": "adapter.rank", "lora_rank": "adapter.rank", "lora_alpha": "adapter.alpha",
+    "lora_dropout": "adapter.dropout", "lora_target_modules": "adapter.targets", "lora_target": "adapter.targets",
+    "target_modules": "adapter.targets", "use_rslora": "adapter.kind: rslora", "use_dora": "adapter.kind: dora",
+    "sequence_len": "data.max_seq_len", "cutoff_len": "data.max_seq_len", "max_seq_length": "data.max_seq_len",
+    "max_length": "data.max_seq_len", "sample_packing": "data.packing", "val_set_size": "data.val_split",
+    "val_size": "data.val_split", "datasets": "data.sources", "test_datasets": "data.eval_sources",
+    "eval_dataset": "data.eval_sources", "dataset": "data.sources",
+    "type": "data.format", "formatting": "data.format", "template": "data.chat_template",
+    "base_model": "model.name", "model_name_or_path": "model.name", "tokenizer_type": "model.tokenizer",
+    "load_in_4bit": "quant.mode: nf4", "quantization_bit": "quant.mode: nf4", "bf16": "quant.compute_dtype",
+    "fp16": "quant.compute_dtype", "output_dir": "output.dir", "data_path": "data.sources",
+}
+
+
+def _sections_at(parts: list[str]) -> list[type[BaseModel]]:
+    """The pydantic classes that can sit at a key path of a recipe (a union gives several)."""
+    import types
+    import typing
+
+    def models_of(tp: Any) -> list[type[BaseModel]]:
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            return [tp]
+        args = typing.get_args(tp)
+        if typing.get_origin(tp) is typing.Annotated:
+            args = args[:1]
+        elif typing.get_origin(tp) is dict:
+            args = args[1:]
+        return [m for a in args if a is not type(None) and not isinstance(a, types.NoneType) for m in models_of(a)]
+
+    cur: list[type[BaseModel]] = [Recipe]
+    for part in parts:
+        if part.isdigit():
+            continue
+        nxt = [m for c in cur if part in c.model_fields for m in models_of(c.model_fields[part].annotation)]
+        if not nxt:
+            return cur
+        cur = nxt
+    return cur
+
+
+def did_you_mean(path: str) -> str:
+    """A hint for an unknown key path: the slimtune name of another trainer's key, else the closest valid key."""
+    import difflib
+
+    parts = path.split(".")
+    key = parts[-1]
+    if key in FOREIGN_KEYS:
+        return f" (did you mean {FOREIGN_KEYS[key]}? `{key}` is another trainer's name)"
+    fields = sorted({f for c in _sections_at(parts[:-1]) for f in c.model_fields})
+    close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {'.'.join(parts[:-1] + close)}?)"
+    return f" (valid keys here: {', '.join(fields)})" if fields and len(fields) <= 25 else ""
+
+
 def _first_error(e: ValidationError) -> str:
     errors = e.errors()
     first = _key_path(tuple(errors[0].get("loc", ())))
@@ -298,7 +411,7 @@ def _first_error(e: ValidationError) -> str:
     path = _key_path(tuple(err.get("loc", ())))
     msg = err.get("msg", "invalid value")
     if err.get("type") == "extra_forbidden":
-        msg = "unknown key"
+        msg = "unknown key" + did_you_mean(path)
     elif msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
         if ": " in msg and path == "(top level)":
@@ -351,7 +464,7 @@ def _check_paths(recipe: Recipe, base_dir: Path, file: str) -> None:
     def check_data(data: DataConfig | None, prefix: str) -> None:
         if data is None:
             return
-        groups = [("sources", data.sources)]
+        groups = [("sources", data.sources), ("eval_sources", data.eval_sources)]
         if data.replay is not None:
             groups.append(("replay.sources", data.replay.sources))
         for group, sources in groups:
@@ -411,3 +524,28 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(f"{path}: the recipe must be a mapping of sections (model, adapter, data, ...)")
     data = apply_overrides(data, overrides)
     return load_recipe_dict(data, file=str(path), base_dir=path.parent, name=path.stem)
+
+
+def recipe_changes(old: dict, new: dict, *, ignore: tuple[str, ...] = ("name", "description")) -> list[str]:
+    """What differs between two dumped recipes, as `key.path: old → new` lines (sorted by key path)."""
+
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(d, dict):
+            out: dict[str, Any] = {}
+            for k, v in d.items():
+                out.update(flat(v, f"{prefix}{k}."))
+            return out or {prefix[:-1]: {}}
+        if isinstance(d, list) and d and any(isinstance(x, (dict, list)) for x in d):
+            out = {}
+            for i, v in enumerate(d):
+                out.update(flat(v, f"{prefix}{i}."))
+            return out
+        return {prefix[:-1]: d}
+
+    a, b = flat(old), flat(new)
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        if key.split(".")[0] in ignore or a.get(key, "<unset>") == b.get(key, "<unset>"):
+            continue
+        lines.append(f"{key}: {a.get(key, '<unset>')!r} → {b.get(key, '<unset>')!r}")
+    return lines

@@ -1,4 +1,4 @@
-"""Data: sources (hub, json/jsonl/txt/parquet), CPT packing, SFT chat formatting with loss masks, mixing, batches."""
+"""Data: sources (hub, json/jsonl/csv/tsv/txt/parquet/arrow), CPT and SFT packing, chat templates, mixing."""
 
 from slimtune.data.chat import IGNORE_INDEX
 from slimtune.data.dataset import TrainData, build_dataset, collate, count_target_tokens

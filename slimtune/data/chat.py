@@ -20,6 +20,7 @@ import re
 from typing import Any
 
 from slimtune.data.readers import RecordError
+from slimtune.data.templates import no_template_error
 from slimtune.errors import ModelError
 
 IGNORE_INDEX = -100
@@ -57,8 +58,7 @@ def has_generation_markers(tokenizer) -> bool:
 def check_chat_tokenizer(tokenizer) -> None:
     """Raise ModelError when the tokenizer cannot do SFT formatting (no chat template, not a fast tokenizer)."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ModelError("the tokenizer has no chat_template; format: chat/instruction needs one "
-                         "(or use format: text)")
+        raise no_template_error(tokenizer)
     if not getattr(tokenizer, "is_fast", False):
         raise ModelError("format: chat/instruction needs a fast tokenizer (offset mapping)")
 

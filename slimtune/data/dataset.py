@@ -12,7 +12,8 @@ Formats:
   as `tail_tokens_dropped`. Without packing a document is one example, truncated to `max_seq_len`.
 - `chat` / `instruction`: rendered with the tokenizer's chat template; labels are -100 except on the assistant
   replies and their end-of-turn tokens (see `slimtune.data.chat`). Truncated to `max_seq_len`; an example with no
-  target token left is dropped and counted.
+  target token left is dropped and counted. With `packing: true` whole examples share rows of `max_seq_len`
+  tokens with `position_ids` restarting per example (`pack_examples`): attention stays inside each example.
 
 Determinism: everything is a function of (data, tokenizer, config, seed); the batch order of an epoch is a function
 of (seed, epoch), so a run resumed at (epoch, start batch) sees exactly the batches an uninterrupted run would.
@@ -37,6 +38,7 @@ from slimtune.data.chat import (
 )
 from slimtune.data.mix import group_targets, replay_total, select_units
 from slimtune.data.readers import Invalid, RecordError, extract_messages, extract_text, iter_records, source_name
+from slimtune.data.templates import set_chat_template
 from slimtune.errors import DataError, ModelError
 
 _CHUNK = 1024  # records tokenized per tokenizer call
@@ -128,12 +130,54 @@ def collate(examples: Sequence[dict[str, Any]], pad_id: int, *, pad_to_multiple_
     out_ids = torch.full((len(ids), t), pad_id, dtype=torch.long)
     out_labels = torch.full((len(ids), t), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(ids), t), dtype=torch.long)
+    packed = "position_ids" in examples[0]
+    pos = torch.zeros((len(ids), t), dtype=torch.long) if packed else None
     for i, (x, y) in enumerate(zip(ids, labels)):
         n = x.numel()
         out_ids[i, :n] = x
         out_labels[i, :n] = y
         mask[i, :n] = 1
-    return {"input_ids": out_ids, "labels": out_labels, "attention_mask": mask}
+        if pos is not None:  # the padding run is one more block of its own (positions from 0): nothing attends to it
+            pos[i, :n] = torch.as_tensor(examples[i]["position_ids"], dtype=torch.long)
+            pos[i, n:] = torch.arange(t - n)
+    batch = {"input_ids": out_ids, "labels": out_labels, "attention_mask": mask}
+    if pos is not None:
+        batch["position_ids"] = pos
+    return batch
+
+
+def pack_examples(pieces: Sequence[tuple[np.ndarray, np.ndarray | None]], max_len: int
+                  ) -> list[dict[str, torch.Tensor]]:
+    """Pack SFT examples into rows of at most `max_len` tokens without cutting one (first fit over the last 16
+    open rows, in the given order).
+
+    Each row: input_ids, labels (each example's first label set to -100: it would be predicted from the previous
+    example's last token) and position_ids restarting at 0 per example. The model is called with these
+    position_ids and no attention_mask, which transformers (masking_utils.find_packed_sequence_indices) turns into
+    a block-diagonal causal mask, so no token attends across examples; the rotary phases are those of the
+    example alone. Loss sums are then exactly those of the examples run one by one.
+    """
+    rows: list[list[int]] = []  # indices into pieces
+    room: list[int] = []
+    for k, (ids, _) in enumerate(pieces):
+        n = len(ids)
+        for j in range(max(0, len(rows) - 16), len(rows)):
+            if room[j] >= n:
+                rows[j].append(k)
+                room[j] -= n
+                break
+        else:
+            rows.append([k])
+            room.append(max_len - n)
+    out = []
+    for row in rows:
+        ids = np.concatenate([pieces[k][0] for k in row])
+        labels = np.concatenate([pieces[k][0] if pieces[k][1] is None else pieces[k][1] for k in row]).copy()
+        pos = np.concatenate([np.arange(len(pieces[k][0]), dtype=np.int64) for k in row])
+        labels[pos == 0] = IGNORE_INDEX
+        out.append({"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
+                    "position_ids": torch.from_numpy(pos)})
+    return out
 
 
 def count_target_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -146,6 +190,7 @@ def build_dataset(cfg: DataConfig, tokenizer, *, base_dir: Path, seed: int) -> T
     """Read, format, hold out, mix and pack the data of `cfg` (paths relative to `base_dir`).
 
     Raises DataError (file:line) for bad data and ModelError for a tokenizer that cannot do the format.
+    `data.chat_template` is set on `tokenizer` itself, so that the outputs saved with it carry the template used.
     """
     seed = cfg.seed if cfg.seed is not None else int(seed)
     base_dir = Path(base_dir)
@@ -156,6 +201,7 @@ def build_dataset(cfg: DataConfig, tokenizer, *, base_dir: Path, seed: int) -> T
     if pad_id is None:
         raise ModelError("the tokenizer has neither a pad nor an eos token")
     if cfg.format != "text":
+        set_chat_template(tokenizer, cfg.chat_template, base_dir)  # on the tokenizer: saved with the outputs
         check_chat_tokenizer(tokenizer)
         if cfg.loss_mask == "generation" and not has_generation_markers(tokenizer):
             raise ModelError("data.loss_mask: generation needs a chat template with {% generation %} markers")
@@ -165,9 +211,11 @@ def build_dataset(cfg: DataConfig, tokenizer, *, base_dir: Path, seed: int) -> T
         _load_source(src, cfg, tokenizer, base_dir, eos_id)
 
     holdout = _split_holdout(sources, cfg, seed)
+    holdout += [_holdout_record(s, u, cfg) for s in sources if s.group == "eval" for u in s.units]
+    sources = [s for s in sources if s.group != "eval"]
 
     # Mixing by token share, main group then replay group.
-    can_cut = cfg.format == "text" and cfg.packing
+    can_cut = cfg.format == "text" and cfg.packs
     pieces: list[tuple[np.ndarray, np.ndarray | None]] = []
     group_totals: dict[str, int] = {}
     for gi, group in enumerate(("main", "replay")):
@@ -217,6 +265,10 @@ def build_dataset(cfg: DataConfig, tokenizer, *, base_dir: Path, seed: int) -> T
         tail = len(stream) - n_blocks * cfg.max_seq_len
         blocks = torch.from_numpy(stream[: n_blocks * cfg.max_seq_len].copy()).view(n_blocks, cfg.max_seq_len)
         examples = [{"input_ids": b, "labels": b} for b in blocks]
+    elif cfg.packs:  # SFT packing: whole examples side by side, each in its own attention block
+        if not pieces:
+            raise DataError("data: no training examples")
+        examples = pack_examples(pieces, cfg.max_seq_len)
     else:
         examples = []
         for ids, lab in pieces:
@@ -231,7 +283,8 @@ def build_dataset(cfg: DataConfig, tokenizer, *, base_dir: Path, seed: int) -> T
         "format": cfg.format,
         "seed": seed,
         "max_seq_len": cfg.max_seq_len,
-        "packing": can_cut,
+        "packing": cfg.packs,
+        "packed_examples": len(pieces) if cfg.packs and not can_cut else None,
         "sources": per_source,
         "records": sum(v["records"] for v in per_source.values()),
         "skipped_records": sum(v["skipped"] for v in per_source.values()),
@@ -253,6 +306,7 @@ def _make_sources(cfg: DataConfig) -> list[_Source]:
     out: list[_Source] = []
     seen: dict[str, int] = {}
     groups = [("main", cfg.sources)] + ([("replay", cfg.replay.sources)] if cfg.replay is not None else [])
+    groups.append(("eval", cfg.eval_sources))
     for group, srcs in groups:
         for sc in srcs:
             name = source_name(sc)
@@ -303,7 +357,7 @@ def _load_source(src: _Source, cfg: DataConfig, tokenizer, base_dir: Path, eos_i
             for (where, text), ids in zip(chunk, enc):
                 arr = np.fromiter(ids, dtype=np.int64, count=len(ids))
                 arr = np.append(arr, np.int64(eos_id))
-                if not cfg.packing and len(arr) > L:
+                if not cfg.packs and len(arr) > L:
                     arr = arr[:L]
                     st["truncated"] += 1
                 src.units.append(_Unit(ids=arr, labels=None, raw=text, where=where))
@@ -327,6 +381,15 @@ def _load_source(src: _Source, cfg: DataConfig, tokenizer, base_dir: Path, eos_i
     st["tokens_available"] = int(sum(len(u.ids) for u in src.units))
 
 
+def _holdout_record(s: _Source, u: _Unit, cfg: DataConfig) -> dict[str, Any]:
+    """A record kept for evaluation: its source, place, raw content and tokens (truncated to max_seq_len)."""
+    ids = torch.from_numpy(u.ids[: cfg.max_seq_len].copy())
+    labels = ids if u.labels is None else torch.from_numpy(u.labels[: cfg.max_seq_len].copy())
+    rec = {"source": s.name, "where": u.where, "input_ids": ids, "labels": labels}
+    rec["text" if cfg.format == "text" else "messages"] = u.raw
+    return rec
+
+
 def _split_holdout(sources: list[_Source], cfg: DataConfig, seed: int) -> list[dict[str, Any]]:
     """Move a seeded choice of main-source units into the holdout (tokens truncated to max_seq_len)."""
     h = cfg.holdout
@@ -341,14 +404,7 @@ def _split_holdout(sources: list[_Source], cfg: DataConfig, seed: int) -> list[d
     by_source: dict[int, set[int]] = {}
     for si, ui in picked:
         by_source.setdefault(si, set()).add(ui)
-    out = []
-    for si, ui in picked:
-        s, u = sources[si], sources[si].units[ui]
-        ids = torch.from_numpy(u.ids[: cfg.max_seq_len].copy())
-        labels = ids if u.labels is None else torch.from_numpy(u.labels[: cfg.max_seq_len].copy())
-        rec = {"source": s.name, "where": u.where, "input_ids": ids, "labels": labels}
-        rec["text" if cfg.format == "text" else "messages"] = u.raw
-        out.append(rec)
+    out = [_holdout_record(sources[si], sources[si].units[ui], cfg) for si, ui in picked]
     for si, drop in by_source.items():
         s = sources[si]
         s.units = [u for ui, u in enumerate(s.units) if ui not in drop]

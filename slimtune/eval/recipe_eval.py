@@ -12,9 +12,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from slimtune.adapters.export import NATIVE_CONFIG
 from slimtune.config.eval import EvalConfig
 from slimtune.config.recipe import Recipe
 from slimtune.errors import SlimtuneError
+from slimtune.eval.model_eval import evaluate_model
+from slimtune.eval.runner import read_report, write_report
 from slimtune.models.load import ModelConfig
 
 
@@ -38,8 +41,6 @@ def recipe_eval_config(recipe: Recipe, stage: str | None = None) -> tuple[EvalCo
 
 
 def _native_dir(path: Path) -> Path:
-    from slimtune.adapters.export import NATIVE_CONFIG
-
     for cand in (path, path / "adapter_native"):
         if (cand / NATIVE_CONFIG).is_file():
             return cand
@@ -52,11 +53,6 @@ def evaluate_recipe(
 ) -> tuple[dict[str, Any], tuple[Path, Path]]:
     """Evaluate and write the report (see the module doc). ``model`` replaces the recipe's model; ``adapter`` (a
     run or stage folder, or its adapter_native/) is loaded onto the model it was trained on (``model`` wins)."""
-    from slimtune.adapters.export import NATIVE_CONFIG, load_native
-    from slimtune.eval.runner import read_report, run_eval, write_report
-    from slimtune.models.load import load_model
-    from slimtune.train.stages import add_holdout_perplexity
-
     log = log or (lambda _msg: None)
     cfg, r = recipe_eval_config(recipe, stage)
     native = _native_dir(Path(adapter)) if adapter is not None else None
@@ -71,18 +67,8 @@ def evaluate_recipe(
     if label is None:
         label = f"adapter {Path(adapter).name}" if adapter is not None else (f"model {Path(model).name}" if model
                                                                             else "base")
-    log(f"loading {model_cfg.name}" + (f" + {native}" if native else ""))
-    loaded = load_model(model_cfg, recipe.quant, device=r.train.device)
-    if native is not None:
-        load_native(loaded.model, native)
-    log(f"evaluating ({label})")
-    result = run_eval(loaded.model, loaded.tokenizer, cfg, base_dir=base_dir, label=label, device=loaded.device)
-    if cfg.holdout_perplexity and r.data is not None and r.data.holdout and r.data.format == "text":
-        from slimtune.data.dataset import build_dataset
-
-        data = build_dataset(r.data, loaded.tokenizer, base_dir=base_dir, seed=r.train.seed)
-        add_holdout_perplexity(result, loaded.model, loaded.tokenizer, data, r.model_copy(update={"eval": cfg}),
-                               loaded.device)
+    result = evaluate_model(model_cfg, recipe.quant, cfg, base_dir=base_dir, label=label, device=r.train.device,
+                            adapter=native, data=r.data, seed=r.train.seed, log=log)
     out = Path(out_dir) if out_dir is not None else recipe.run_dir()
     report = read_report(out)
     report[label] = result

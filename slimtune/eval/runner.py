@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -30,6 +29,7 @@ from slimtune.eval.generate import generate
 from slimtune.eval.loaders import load_aligned, load_exact_match, load_flores, load_texts
 from slimtune.eval.perplexity import perplexity
 from slimtune.eval.translate import language_name, translation_eval
+from slimtune.io import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -211,19 +211,13 @@ def render_markdown(results: dict[str, dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_report(results: dict[str, dict], out_dir: Path) -> tuple[Path, Path]:
     """Write `out_dir/eval.json` (the `results` mapping as is) and `out_dir/eval.md`; returns both paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / "eval.json", out_dir / "eval.md"
-    _atomic_write(json_path, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    _atomic_write(md_path, render_markdown(results))
+    write_text_atomic(json_path, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(md_path, render_markdown(results))
     return json_path, md_path
 
 

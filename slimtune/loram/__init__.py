@@ -4,7 +4,7 @@
 - `align`: optional continued pretraining of the pruned model (full fine-tuning except lm_head).
 - `recover`: expand an adapter trained on the pruned model to the original shapes.
 - `pipeline`: the whole thing as one recipe (`run_loram`; ``slimtune run`` dispatches a recipe with ``loram:``).
-- `estimate`: the training-time memory of a LoRAM recipe (the pruned model's).
+- `estimate`: what a LoRAM recipe trains on (the pruning layout; slimtune.bench.estimate sizes the pruned model).
 
 Submodules are imported on first use (the recipe schema imports this package's config early).
 """
@@ -25,8 +25,8 @@ _EXPORTS = {
     "prune_to_folder": "pipeline",
     "merge_recovered": "pipeline",
     "run_loram": "pipeline",
-    "estimate_loram": "estimate",
-    "pruned_estimate_config": "estimate",
+    "pruned_layout": "estimate",
+    "recipe_loram_layout": "estimate",
 }
 
 __all__ = sorted(_EXPORTS)

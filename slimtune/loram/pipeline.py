@@ -33,20 +33,35 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import math
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from slimtune.config.recipe import resolve_path
 from slimtune.errors import ModelError, SlimtuneError
+from slimtune.eval.model_eval import evaluate_model
+from slimtune.eval.runner import write_report
+from slimtune.export.source import read_peft
+from slimtune.io import atomic_dir
+from slimtune.loram.align import align_pruned
+from slimtune.loram.prune import parameter_reduction, prune_checkpoint, prune_model, validate_prune_args
+from slimtune.loram.recover import recover_adapter
+from slimtune.models.load import DTYPES, QuantConfig, _split_source, load_model, load_tokenizer
+from slimtune.models.pruned import KeptIndex, save_pruned
+from slimtune.train.distributed import barrier, is_main
+from slimtune.train.merge import make_saveable
+from slimtune.train.report import SilentReporter
+from slimtune.train.runner import run_recipe
+from slimtune.train.stages import stage_folder
 
 __all__ = [
     "PRUNE_SUMMARY",
     "apply_peft_deltas",
-    "heldout_loss",
     "merge_recovered",
     "prune_to_folder",
     "run_loram",
@@ -74,27 +89,10 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-def _fresh_tmp(path: Path) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    return tmp
-
-
-def _swap_in(tmp: Path, final: Path) -> None:
-    """Make the finished temporary folder `tmp` the folder `final` (replacing an unfinished one)."""
-    if final.exists():
-        shutil.rmtree(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(final)
-
-
 def original_checkpoint(model_cfg) -> Path | None:
     """The original model as a local safetensors folder (a folder, or a hub snapshot fetched with
     `huggingface_hub.snapshot_download`), or None when it is a GGUF file or a folder without safetensors (those are
     loaded into memory instead)."""
-    from slimtune.models.load import _split_source
-
     src, extra = _split_source(model_cfg.name)
     if extra:  # GGUF
         return None
@@ -123,11 +121,8 @@ def prune_to_folder(model_cfg, lc, out_dir: str | Path, *, reporter=None) -> dic
     """Prune the base named by `model_cfg` with the settings of `lc` (a LoramConfig or anything with ratio, method,
     keep_first, keep_last, seed) into `out_dir`. Returns the prune summary (settings, source, parameter_reduction).
     A finished pruned folder there with the same source and settings is reused; a different one is an error."""
-    from slimtune.loram.prune import parameter_reduction, prune_checkpoint, prune_model, save_pruned
-    from slimtune.models.load import QuantConfig, load_model, load_tokenizer
-    from slimtune.train.merge import make_saveable
-
     out = Path(out_dir)
+    validate_prune_args(lc.ratio, lc.method, lc.keep_first, lc.keep_last)  # fail before any download or load
     settings = _prune_settings(lc)
     done = out / PRUNE_SUMMARY
     if done.is_file():
@@ -141,38 +136,38 @@ def prune_to_folder(model_cfg, lc, out_dir: str | Path, *, reporter=None) -> dic
         return summary
 
     t0 = time.perf_counter()
-    tmp = _fresh_tmp(out)
-    ckpt = original_checkpoint(model_cfg)
-    kw = dict(ratio=lc.ratio, method=lc.method, keep_first=lc.keep_first, keep_last=lc.keep_last, seed=lc.seed)
-    if ckpt is not None:
-        _log(reporter, f"LoRAM prune: {model_cfg.name} at ratio {lc.ratio} ({lc.method}), streaming {ckpt}")
-        kept = prune_checkpoint(ckpt, tmp, **kw)
-        how = "checkpoint"
-    else:
-        _log(reporter, f"LoRAM prune: loading {model_cfg.name} unquantized to prune at ratio {lc.ratio} ({lc.method})")
-        loaded = load_model(model_cfg, QuantConfig(mode="none", compute_dtype="float32"), device="cpu")
-        model, kept = prune_model(make_saveable(loaded.model), **kw)
-        save_pruned(model, kept, tmp)
-        del model, loaded
-        _free()
-        how = "in memory"
-    kept.base_model_name_or_path = model_cfg.name
-    kept.save(tmp)
-    load_tokenizer(model_cfg).save_pretrained(tmp)  # the recipe's tokenizer travels with the pruned weights
-    reduction = parameter_reduction(kept.original_config, kept, quant_bits=4)
-    summary = {
-        "source": model_cfg.name,
-        "settings": settings,
-        "how": how,
-        "pruned_layers": sorted(kept.layers),
-        "kept_kv_heads": {str(i): len(v.kv_heads) for i, v in sorted(kept.layers.items())},
-        "kept_neurons": {str(i): len(v.neurons) for i, v in sorted(kept.layers.items())},
-        "geometry": kept.geometry.as_dict(),
-        "reduction": reduction,
-        "wall_seconds": round(time.perf_counter() - t0, 2),
-    }
-    (tmp / PRUNE_SUMMARY).write_text(json.dumps(summary, indent=2))
-    _swap_in(tmp, out)
+    with atomic_dir(out) as tmp:
+        ckpt = original_checkpoint(model_cfg)
+        kw = dict(ratio=lc.ratio, method=lc.method, keep_first=lc.keep_first, keep_last=lc.keep_last, seed=lc.seed)
+        if ckpt is not None:
+            _log(reporter, f"LoRAM prune: {model_cfg.name} at ratio {lc.ratio} ({lc.method}), streaming {ckpt}")
+            kept = prune_checkpoint(ckpt, tmp, **kw)
+            how = "checkpoint"
+        else:
+            _log(reporter, f"LoRAM prune: loading {model_cfg.name} unquantized to prune at ratio {lc.ratio} "
+                           f"({lc.method})")
+            loaded = load_model(model_cfg, QuantConfig(mode="none", compute_dtype="float32"), device="cpu")
+            model, kept = prune_model(make_saveable(loaded.model), **kw)
+            save_pruned(model, kept, tmp)
+            del model, loaded
+            _free()
+            how = "in memory"
+        kept.base_model_name_or_path = model_cfg.name
+        kept.save(tmp)
+        load_tokenizer(model_cfg).save_pretrained(tmp)  # the recipe's tokenizer travels with the pruned weights
+        reduction = parameter_reduction(kept.original_config, kept, quant_bits=4)
+        summary = {
+            "source": model_cfg.name,
+            "settings": settings,
+            "how": how,
+            "pruned_layers": sorted(kept.layers),
+            "kept_kv_heads": {str(i): len(v.kv_heads) for i, v in sorted(kept.layers.items())},
+            "kept_neurons": {str(i): len(v.neurons) for i, v in sorted(kept.layers.items())},
+            "geometry": kept.geometry.as_dict(),
+            "reduction": reduction,
+            "wall_seconds": round(time.perf_counter() - t0, 2),
+        }
+        (tmp / PRUNE_SUMMARY).write_text(json.dumps(summary, indent=2))
     _log(reporter, "LoRAM prune: " + describe_reduction(reduction))
     return summary
 
@@ -193,13 +188,11 @@ def describe_reduction(red: dict[str, Any]) -> str:
 
 def _check_trainable_on_pruned(recipe, kept) -> None:
     """Refuse, before any training, what recovery cannot expand exactly (see slimtune.loram.recover)."""
-    from slimtune.loram.prune import PRUNED_DIM
-
     pruned = set(kept.layers)
     for stage, r in recipe.resolved_stages():
         a = r.adapter
         where = "adapter" if stage.adapter is None else f"stages.{stage.name}.adapter"
-        full = [m for m in a.modules_to_save if m.rsplit(".", 1)[-1] in PRUNED_DIM]
+        full = [m for m in a.modules_to_save if m.rsplit(".", 1)[-1] in kept.spec.proj_names]
         if full:
             raise SlimtuneError(f"{where}.modules_to_save: {full[0]} is a pruned projection; LoRAM cannot recover "
                                 "its full weights (train embed_tokens/lm_head/norms only)")
@@ -224,12 +217,10 @@ def _train_recipe(recipe, model_dir: Path, train_dir: Path):
 
 def adapter_chain(recipe, train_dir: Path) -> list[tuple[str, Path]]:
     """(stage name, PEFT adapter folder) of the adapters that make up the final model, in the order applied."""
-    from slimtune.train.runner import stage_dir
-
     stages = recipe.resolved_stages()
     chain: list[tuple[str, Path]] = []
     for stage, _ in stages:
-        entry = (stage.name, stage_dir(train_dir, stage.name, len(stages)) / "adapter")
+        entry = (stage.name, stage_folder(recipe, stage, train_dir, len(stages)) / "adapter")
         if stage.start_from == "merged" and chain:
             chain.append(entry)
         elif stage.start_from == "adapter" and chain:
@@ -242,68 +233,20 @@ def adapter_chain(recipe, train_dir: Path) -> list[tuple[str, Path]]:
 # --------------------------------------------------------------------------------------------------- 5. merge
 
 
-def _peft_deltas(peft_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]],
-                                          dict[str, torch.Tensor]]:
-    """({module: (A, B, scale, DoRA magnitude or None)}, {full weight key: tensor}) of a PEFT LoRA folder."""
-    from safetensors.torch import load_file
-
-    cfg_path = peft_dir / PEFT_CONFIG
-    if not cfg_path.is_file() or not (peft_dir / PEFT_WEIGHTS).is_file():
-        raise SlimtuneError(f"{peft_dir}: not a PEFT adapter folder ({PEFT_CONFIG} + {PEFT_WEIGHTS})")
-    cfg = json.loads(cfg_path.read_text())
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise SlimtuneError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not LORA")
-    state = load_file(str(peft_dir / PEFT_WEIGHTS))
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    full: dict[str, torch.Tensor] = {}
-    for key, t in state.items():
-        name = key.removeprefix("base_model.model.")
-        for tag in (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector"):
-            if name.endswith(tag):
-                parts.setdefault(name[: -len(tag)], {})[tag] = t
-                break
-        else:
-            if ".lora_" in name:
-                raise SlimtuneError(f"{peft_dir}: unsupported adapter tensor {key}")
-            full[name.replace(".modules_to_save.default", "")] = t
-    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
-
-    def pattern(pat: dict, module: str, default):
-        for k, v in pat.items():
-            if module == k or module.endswith("." + k):
-                return v
-        return default
-
-    out = {}
-    for module, p in parts.items():
-        a, b = p[".lora_A.weight"].float(), p[".lora_B.weight"].float()
-        r = int(pattern(rank_pattern, module, cfg.get("r", a.shape[0])))
-        if r != a.shape[0]:
-            raise SlimtuneError(f"{peft_dir}: {module} has rank {a.shape[0]}, the config says {r}")
-        alpha = float(pattern(alpha_pattern, module, cfg.get("lora_alpha", r)))
-        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-        mag = p.get(".lora_magnitude_vector")
-        out[module] = (a, b, scale, None if mag is None else mag.float())
-    return out, full
-
-
 def apply_peft_deltas(weights: dict[str, torch.Tensor], peft_dir: Path) -> list[str]:
-    """Add a PEFT LoRA adapter to the matching `<module>.weight` entries of `weights` (in place, computed in float32,
-    stored back in each tensor's dtype); full tensors (modules_to_save) replace theirs. DoRA: W' = m/‖W+ΔW‖_row ·
-    (W+ΔW). Returns the keys changed; keys of `weights` absent here are left for another shard."""
-    deltas, full = _peft_deltas(Path(peft_dir))
+    """Add a PEFT LoRA adapter (``slimtune.export.source.read_peft``) to the matching `<module>.weight` entries of
+    `weights` (in place, computed in float32, stored back in each tensor's dtype); full tensors (modules_to_save)
+    replace theirs. DoRA: ``slimtune.adapters.dora.dora_merge``. Returns the keys changed; keys of `weights`
+    absent here are left for another shard."""
+    adapter = read_peft(Path(peft_dir))
     changed = []
-    for module, (a, b, scale, mag) in deltas.items():
+    for module, delta in adapter.deltas.items():
         key = f"{module}.weight"
-        if key not in weights:
-            continue
-        w = weights[key]
-        new = w.float() + scale * (b @ a)
-        if mag is not None:
-            new = (mag / new.norm(dim=1)).unsqueeze(1) * new
-        weights[key] = new.to(w.dtype)
-        changed.append(key)
-    for key, t in full.items():
+        if key in weights:
+            w = weights[key]
+            weights[key] = delta.apply(w.float()).to(w.dtype)
+            changed.append(key)
+    for key, t in adapter.saved.items():
         if key in weights:
             weights[key] = t.to(weights[key].dtype)
             changed.append(key)
@@ -313,8 +256,8 @@ def apply_peft_deltas(weights: dict[str, torch.Tensor], peft_dir: Path) -> list[
 def _expected_keys(peft_dirs: list[Path]) -> set[str]:
     keys: set[str] = set()
     for d in peft_dirs:
-        deltas, full = _peft_deltas(d)
-        keys |= {f"{m}.weight" for m in deltas} | set(full)
+        adapter = read_peft(d)
+        keys |= {f"{m}.weight" for m in adapter.deltas} | set(adapter.saved)
     return keys
 
 
@@ -324,127 +267,79 @@ def merge_recovered(model_cfg, peft_dirs: list[Path], out_dir: str | Path, *, dt
 
     A safetensors original is streamed shard by shard (memory: one shard); a GGUF/.bin original is loaded
     unquantized in float32, merged and saved with `save_pretrained`. Weights are written in `dtype`."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    from slimtune.models.load import DTYPES, QuantConfig, load_model, load_tokenizer
-    from slimtune.train.merge import make_saveable
-
     out, target = Path(out_dir), DTYPES[dtype]
-    tmp = _fresh_tmp(out)
-    tmp.mkdir(parents=True)
-    want = _expected_keys(peft_dirs)
-    changed: set[str] = set()
-    ckpt = original_checkpoint(model_cfg)
-    if ckpt is not None:
-        _log(reporter, f"LoRAM merge: streaming {ckpt} shard by shard")
-        index = ckpt / "model.safetensors.index.json"
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [
-            "model.safetensors"]
-        weight_map, total = {}, 0
-        for fname in files:
-            with safe_open(str(ckpt / fname), "pt") as f:
-                weights = {k: f.get_tensor(k) for k in f.keys()}
+    with atomic_dir(out) as tmp:
+        want = _expected_keys(peft_dirs)
+        changed: set[str] = set()
+        ckpt = original_checkpoint(model_cfg)
+        if ckpt is not None:
+            _log(reporter, f"LoRAM merge: streaming {ckpt} shard by shard")
+            index = ckpt / "model.safetensors.index.json"
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [
+                "model.safetensors"]
+            weight_map, total = {}, 0
+            for fname in files:
+                with safe_open(str(ckpt / fname), "pt") as f:
+                    weights = {k: f.get_tensor(k) for k in f.keys()}
+                for d in peft_dirs:
+                    changed.update(apply_peft_deltas(weights, d))
+                weights = {k: (v.to(target) if v.is_floating_point() else v).contiguous() for k, v in weights.items()}
+                save_file(weights, str(tmp / fname), metadata={"format": "pt"})
+                for k, v in weights.items():
+                    weight_map[k] = fname
+                    total += v.numel() * v.element_size()
+                del weights
+            if index.is_file():
+                (tmp / index.name).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                         indent=1))
+            for item in ckpt.iterdir():
+                if item.is_file() and not item.name.endswith((".safetensors", ".bin", ".pt", ".index.json")):
+                    shutil.copy2(item, tmp / item.name)
+            cfg_path = tmp / "config.json"
+            if cfg_path.is_file():
+                cfg = json.loads(cfg_path.read_text())
+                cfg["torch_dtype"] = cfg["dtype"] = dtype
+                cfg_path.write_text(json.dumps(cfg, indent=2))
+        else:
+            _log(reporter, f"LoRAM merge: loading {model_cfg.name} unquantized")
+            loaded = load_model(model_cfg, QuantConfig(mode="none", compute_dtype="float32"), device="cpu")
+            model = make_saveable(loaded.model)
+            params = dict(model.named_parameters())
+            weights = {k: p.data for k, p in params.items()}
             for d in peft_dirs:
                 changed.update(apply_peft_deltas(weights, d))
-            weights = {k: (v.to(target) if v.is_floating_point() else v).contiguous() for k, v in weights.items()}
-            save_file(weights, str(tmp / fname), metadata={"format": "pt"})
-            for k, v in weights.items():
-                weight_map[k] = fname
-                total += v.numel() * v.element_size()
-            del weights
-        if index.is_file():
-            (tmp / index.name).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                     indent=1))
-        for item in ckpt.iterdir():
-            if item.is_file() and not item.name.endswith((".safetensors", ".bin", ".pt", ".index.json")):
-                shutil.copy2(item, tmp / item.name)
-        cfg_path = tmp / "config.json"
-        if cfg_path.is_file():
-            cfg = json.loads(cfg_path.read_text())
-            cfg["torch_dtype"] = cfg["dtype"] = dtype
-            cfg_path.write_text(json.dumps(cfg, indent=2))
-    else:
-        _log(reporter, f"LoRAM merge: loading {model_cfg.name} unquantized")
-        loaded = load_model(model_cfg, QuantConfig(mode="none", compute_dtype="float32"), device="cpu")
-        model = make_saveable(loaded.model)
-        params = dict(model.named_parameters())
-        weights = {k: p.data for k, p in params.items()}
-        for d in peft_dirs:
-            changed.update(apply_peft_deltas(weights, d))
-        with torch.no_grad():
-            for k in changed:
-                params[k].data.copy_(weights[k])
-        model = model.to(target)
-        model.config.use_cache = True
-        model.save_pretrained(tmp, safe_serialization=True)
-        del model, loaded, weights, params
-        _free()
-    missing = sorted(want - changed)
-    if missing:
-        shutil.rmtree(tmp)
-        raise SlimtuneError(f"LoRAM merge: the original model has no weight {missing[0]} (and {len(missing) - 1} "
-                            "more) that the recovered adapter changes")
-    load_tokenizer(model_cfg).save_pretrained(tmp)
-    _swap_in(tmp, out)
+            with torch.no_grad():
+                for k in changed:
+                    params[k].data.copy_(weights[k])
+            model = model.to(target)
+            model.config.use_cache = True
+            model.save_pretrained(tmp, safe_serialization=True)
+            del model, loaded, weights, params
+            _free()
+        missing = sorted(want - changed)
+        if missing:
+            raise SlimtuneError(f"LoRAM merge: the original model has no weight {missing[0]} (and {len(missing) - 1} "
+                                "more) that the recovered adapter changes")
+        load_tokenizer(model_cfg).save_pretrained(tmp)
     return out
 
 
 # --------------------------------------------------------------------------------------------------- 6. eval
 
 
-@torch.no_grad()
-def heldout_loss(model, records: list[dict], *, batch_size: int = 4, device=None) -> dict[str, float]:
-    """Mean next-token loss (nats per target token) of `model` on held-out records (`TrainData.holdout`)."""
-    from slimtune.data.dataset import collate, count_target_tokens
-    from slimtune.train.loop import causal_lm_loss_sum
-
-    was = model.training
-    model.eval()
-    pad = 0
-    total, n = 0.0, 0
-    try:
-        for i in range(0, len(records), batch_size):
-            batch = collate(records[i:i + batch_size], pad)
-            k = count_target_tokens(batch)
-            if k == 0:
-                continue
-            batch = {key: v.to(device) if device is not None else v for key, v in batch.items()}
-            total += float(causal_lm_loss_sum(model, batch))
-            n += k
-    finally:
-        model.train(was)
-    if n == 0:
-        raise SlimtuneError("held-out records have no target tokens")
-    return {"loss": total / n, "ppl": math.exp(min(total / n, 50.0)), "tokens": n}
-
-
 def _eval_model(name: str, label: str, recipe, base_dir: Path, holdout_cfg, reporter) -> dict[str, Any]:
     """Load `name` as the recipe's quant says, run the recipe's eval section and the held-out loss."""
-    from slimtune.models.load import load_model
-
     model_cfg = recipe.model if name == recipe.model.name else recipe.model.model_copy(
         update={"name": name, "tokenizer": None, "revision": None})
     _log(reporter, f"LoRAM eval: {label} ({name}, quant {recipe.quant.mode})")
-    loaded = load_model(model_cfg, recipe.quant, device=recipe.train.device)
+    data_cfg, seed = holdout_cfg if holdout_cfg is not None else (None, 0)
+    res = evaluate_model(model_cfg, recipe.quant, recipe.eval, base_dir=base_dir, label=label,
+                         device=recipe.train.device, data=data_cfg, seed=seed, heldout=holdout_cfg is not None)
     result: dict[str, Any] = {"label": label, "model": name}
-    try:
-        if holdout_cfg is not None:
-            from slimtune.data.dataset import build_dataset
-
-            data_cfg, seed = holdout_cfg
-            data = build_dataset(data_cfg, loaded.tokenizer, base_dir=base_dir, seed=seed)
-            bs = recipe.eval.batch_size if recipe.eval is not None else 4
-            result["heldout"] = heldout_loss(loaded.model, data.holdout, batch_size=bs, device=loaded.device)
-            result["heldout"]["records"] = len(data.holdout)
-        if recipe.eval is not None:
-            from slimtune.eval.runner import run_eval
-
-            result["eval"] = run_eval(loaded.model, loaded.tokenizer, recipe.eval, base_dir=base_dir, label=label,
-                                      device=loaded.device)
-    finally:
-        del loaded
-        _free()
+    if "heldout" in res:
+        result["heldout"] = res.pop("heldout")
+    if recipe.eval is not None:
+        result["eval"] = res
     return result
 
 
@@ -460,29 +355,27 @@ def _digest(paths: list[Path]) -> str:
 
 
 def run_loram(recipe, *, base_dir: Path, reporter=None, resume: bool | Path = False,
-              stop_after: int | None = None) -> dict[str, Any]:
+              stop_after: int | None = None, callbacks: list | None = None) -> dict[str, Any]:
     """Run the LoRAM pipeline of a recipe with a ``loram`` block (module docstring). Returns the run summary (also
     written to <run>/run_summary.json): the training stages as `run_recipe` reports them, plus ``loram``."""
-    from slimtune.config.recipe import resolve_path
-    from slimtune.loram.align import align_pruned
-    from slimtune.loram.prune import KeptIndex
-    from slimtune.loram.recover import recover_adapter
-    from slimtune.train.report import SilentReporter
-    from slimtune.train.runner import run_recipe
-
     lc = recipe.loram
     if lc is None:
         raise SlimtuneError("run_loram: the recipe has no loram section")
     reporter = reporter or SilentReporter()
     base_dir = Path(base_dir)
     run_dir = recipe.run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if is_main():  # torchrun: rank 0 alone writes; the others wait where they read what it wrote
+        run_dir.mkdir(parents=True, exist_ok=True)
     info: dict[str, Any] = {"timings": {}}
     t0 = time.perf_counter()
 
     # 1. prune
     pruned_dir = resolve_path(lc.pruned_dir, base_dir) if lc.pruned_dir else run_dir / "pruned"
+    if not is_main():
+        barrier()  # torchrun: rank 0 prunes (below: after this barrier the folder is done and only read here)
     prune = prune_to_folder(recipe.model, lc, pruned_dir, reporter=reporter)
+    if is_main():
+        barrier()
     info["pruned_dir"], info["prune"] = str(pruned_dir), prune
     info["timings"]["prune"] = round(time.perf_counter() - t0, 2)
     kept = KeptIndex.load(pruned_dir)
@@ -494,20 +387,30 @@ def run_loram(recipe, *, base_dir: Path, reporter=None, resume: bool | Path = Fa
         t = time.perf_counter()
         model_dir = resolve_path(lc.align.dir, base_dir) if lc.align.dir else run_dir / "aligned"
         info["align"] = align_pruned(pruned_dir, model_dir, lc.align, base_dir=base_dir, reporter=reporter,
-                                     attn_implementation=recipe.model.attn_implementation)
+                                     attn_implementation=recipe.model.attn_implementation, resume=bool(resume),
+                                     callbacks=callbacks)
         info["aligned_dir"] = str(model_dir)
         info["timings"]["align"] = round(time.perf_counter() - t, 2)
+        if info["align"].get("interrupted"):  # SIGINT/SIGTERM during alignment: its checkpoint is saved
+            result = {"stages": [info["align"]], "interrupted": True, "run_dir": str(run_dir), "loram": info}
+            if is_main():
+                (run_dir / "run_summary.json").write_text(json.dumps(result, indent=2, default=str))
+            return result
 
     # 3. train (Q)LoRA on the pruned model: the normal runner
     t = time.perf_counter()
     train_dir = run_dir / "train"
     train_recipe = _train_recipe(recipe, model_dir, train_dir)
-    trained = run_recipe(train_recipe, base_dir=base_dir, reporter=reporter, resume=resume, stop_after=stop_after)
+    trained = run_recipe(train_recipe, base_dir=base_dir, reporter=reporter, resume=resume, stop_after=stop_after,
+                         callbacks=callbacks)
     info["timings"]["train"] = round(time.perf_counter() - t, 2)
     result = {"stages": trained["stages"], "interrupted": trained["interrupted"], "run_dir": str(run_dir),
               "loram": info}
     if trained["interrupted"]:
-        (run_dir / "run_summary.json").write_text(json.dumps(result, indent=2, default=str))
+        if is_main():
+            (run_dir / "run_summary.json").write_text(json.dumps(result, indent=2, default=str))
+        return result
+    if not is_main():  # torchrun: recover, merge and evaluate need no other rank; rank 0 does them alone
         return result
 
     # 4. recover
@@ -574,8 +477,6 @@ def run_loram(recipe, *, base_dir: Path, reporter=None, resume: bool | Path = Fa
 def _write_report(trained: dict, evals: dict, run_dir: Path) -> None:
     """<run>/eval.json + eval.md: the pruned model before/after training (from the stages) and the original model
     before/after the recovered adapter, side by side (held-out loss as a perplexity row)."""
-    from slimtune.eval.runner import write_report
-
     rows: dict[str, dict] = {}
     for s in trained["stages"]:
         for label, res in (s.get("eval") or {}).items():

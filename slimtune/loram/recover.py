@@ -33,18 +33,22 @@ from typing import Mapping
 import torch
 
 from slimtune.errors import SlimtuneError
-from slimtune.loram.prune import PRUNED_DIM, KeptIndex
+from slimtune.io import atomic_path, write_text_atomic
+from slimtune.loram.prune import KeptIndex
 
 __all__ = ["recover_adapter", "recover_state_dict"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
-# …layers.{i}.{self_attn|mlp}.{proj}.{rest}
-_KEY = re.compile(
-    r"^(?:.*\.)?layers\.(?P<layer>\d+)\.(?:self_attn|mlp)\.(?P<proj>q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj"
-    r"|down_proj)\.(?P<rest>.+)$"
-)
+
+
+def _key_pattern(kept: KeptIndex) -> re.Pattern:
+    """…layers.{i}.{block}.{proj}.{rest} for the projections of the map's family (its ArchSpec)."""
+    spec = kept.spec
+    paths = "|".join(re.escape(spec.block_of(p)) for p in spec.proj_names)
+    return re.compile(rf"^(?:.*\.)?layers\.(?P<layer>\d+)\.(?P<path>{paths})\.(?P<rest>.+)$")
+
 # rest → what it is; an optional adapter name may sit before the last part (PEFT strips "default" on save)
 _LORA_A = re.compile(r"^lora_A(?:\.[^.]+)?\.weight$")
 _LORA_B = re.compile(r"^lora_B(?:\.[^.]+)?\.(?P<p>weight|bias)$")
@@ -64,12 +68,13 @@ def recover_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Expand a PEFT LoRA state dict trained on the pruned model to the original shapes (see module docstring)."""
     out: dict[str, torch.Tensor] = {}
+    pattern = _key_pattern(kept)
     for key, t in state.items():
-        m = _KEY.match(key)
+        m = pattern.match(key)
         if m is None or int(m["layer"]) not in kept.layers:
             out[key] = t  # not a projection of a pruned layer: nothing was pruned along its dimensions
             continue
-        layer, proj, rest = int(m["layer"]), m["proj"], m["rest"]
+        layer, proj, rest = int(m["layer"]), m["path"].rsplit(".", 1)[-1], m["rest"]
         idx, size = kept.channels(layer, proj), kept.original_size(proj)
         if "lora_magnitude_vector" in rest:
             raise SlimtuneError(
@@ -79,9 +84,9 @@ def recover_state_dict(
             )
         b = _LORA_B.match(rest)
         if _LORA_A.match(rest):
-            dim, part = (1, "lora_A columns") if PRUNED_DIM[proj] == "in" else (None, "")
+            dim, part = (1, "lora_A columns") if kept.pruned_dim(proj) == "in" else (None, "")
         elif b:
-            dim, part = (0, f"lora_B {b['p']} rows") if PRUNED_DIM[proj] == "out" else (None, "")
+            dim, part = (0, f"lora_B {b['p']} rows") if kept.pruned_dim(proj) == "out" else (None, "")
         else:
             raise SlimtuneError(
                 f"{where}: {key} is a full tensor of a pruned projection (PEFT bias='all'/'lora_only' or "
@@ -141,9 +146,7 @@ def recover_adapter(
         base_model_name_or_path or kept.base_model_name_or_path or config.get("base_model_name_or_path")
     )
     out.mkdir(parents=True, exist_ok=True)
-    tmp_w, tmp_c = out / (ADAPTER_WEIGHTS + ".tmp"), out / (ADAPTER_CONFIG + ".tmp")
-    save_file({k: v.contiguous() for k, v in recovered.items()}, str(tmp_w), metadata=metadata or {"format": "pt"})
-    tmp_c.write_text(json.dumps(config, indent=2, sort_keys=True))
-    os.replace(tmp_w, out / ADAPTER_WEIGHTS)
-    os.replace(tmp_c, out / ADAPTER_CONFIG)
+    with atomic_path(out / ADAPTER_WEIGHTS) as tmp:
+        save_file({k: v.contiguous() for k, v in recovered.items()}, str(tmp), metadata=metadata or {"format": "pt"})
+    write_text_atomic(out / ADAPTER_CONFIG, json.dumps(config, indent=2, sort_keys=True))
     return out

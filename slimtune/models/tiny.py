@@ -4,7 +4,7 @@ Everything here works without the network: model configs are small transformers 
 tokenizer is a byte-level BPE trained in well under a second on the UDHR texts in `shared/data/udhr`.
 
     tok = train_tiny_tokenizer(udhr_texts("eng") + udhr_texts("src"))   # vocab 512, ChatML chat template
-    cfg = tiny_llama_config(vocab_size=len(tok))                         # hidden 64, 2 layers, GQA 4/2
+    cfg = tiny_config("qwen3", vocab_size=len(tok))                      # hidden 64, 2 layers, GQA 4/2
     model = transformers.LlamaForCausalLM(cfg)
 """
 
@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from slimtune.errors import DataError
+from slimtune.models.arch import known_model_types, spec_for
 
 # Special tokens of the tiny tokenizer, at fixed ids 0..3 (the BPE trainer puts special tokens first).
 TINY_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>")
@@ -56,22 +57,33 @@ def _tiny_model_defaults(vocab_size: int) -> dict:
     )
 
 
-def tiny_llama_config(**overrides):
-    """A 2-layer Llama (hidden 64, MLP 136, 4 heads / 2 KV heads, head_dim 16, vocab 512); `overrides` win."""
-    from transformers import LlamaConfig
+def tiny_config(model_type: str = "llama", **overrides):
+    """A 2-layer model of any registered family (hidden 64, MLP 136, 4 heads / 2 KV heads, head_dim 16, vocab 512),
+    with the family's own test overrides (``ArchSpec.tiny``, e.g. Gemma's query_pre_attn_scalar) applied, then
+    ``overrides``. Raises ValueError for a model_type no family describes."""
+    from transformers import CONFIG_MAPPING
 
+    spec = spec_for(model_type)
+    if spec is None:
+        known = ", ".join(known_model_types())
+        raise ValueError(f"tiny_config: no family for model_type {model_type!r} (known: {known})")
     kw = _tiny_model_defaults(overrides.pop("vocab_size", 512))
+    kw.update(spec.tiny)
     kw.update(overrides)
-    return LlamaConfig(**kw)
+    types = kw.get("layer_types")
+    if types and "layer_types" not in overrides:  # the family's pattern, repeated over the layer count asked for
+        kw["layer_types"] = [types[i % len(types)] for i in range(kw["num_hidden_layers"])]
+    return CONFIG_MAPPING[model_type](**kw)
+
+
+def tiny_llama_config(**overrides):
+    """``tiny_config("llama", **overrides)``: the default tiny model of tests and benchmarks."""
+    return tiny_config("llama", **overrides)
 
 
 def tiny_qwen2_config(**overrides):
-    """A 2-layer Qwen2 (same sizes as `tiny_llama_config`, q/k/v biases as in Qwen2); `overrides` win."""
-    from transformers import Qwen2Config
-
-    kw = _tiny_model_defaults(overrides.pop("vocab_size", 512))
-    kw.update(overrides)
-    return Qwen2Config(**kw)
+    """``tiny_config("qwen2", **overrides)`` (q/k/v biases as in Qwen2)."""
+    return tiny_config("qwen2", **overrides)
 
 
 def train_tiny_tokenizer(texts: list[str], vocab_size: int = 512):
@@ -124,7 +136,8 @@ def shared_data_dir() -> Path:
         candidates += [Path(env), Path(env) / "data"]
     repo_root = Path(__file__).resolve().parents[2]
     # recipes/data ships a copy of the UDHR texts (MIT, see its LICENSE file) so recipes and tests are portable.
-    candidates += [repo_root / "recipes" / "data", repo_root.parent / "shared" / "data", repo_root / "shared" / "data"]
+    candidates += [Path(__file__).resolve().parents[1] / "recipes" / "data",  # an installed wheel: slimtune/recipes
+                   repo_root / "recipes" / "data", repo_root.parent / "shared" / "data", repo_root / "shared" / "data"]
     for c in candidates:
         if (c / "udhr").is_dir():
             return c

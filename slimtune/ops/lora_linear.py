@@ -10,22 +10,29 @@ adapters B·M·A: LaMDA's S, SLoRA/NLoRA/IntTune's N), B (out, r), magnitude m (
 
 This module holds the public op (`lora_linear`), the description of one projection (`LoRAProjection`, also used by
 the fused MLP and q/k/v ops), the readable differentiable formula (`lora_linear_reference`: the ground truth in
-tests), and the plain-torch pieces that the autograd Function in slimtune/kernels/qlora_linear.py runs on the torch
-backend. The Triton launchers there have the same names and signatures:
+tests), the math of one projection's forward/backward on any backend (`projection_forward` / `projection_backward`
+/ `projection_grad_input`: the MLP and q/k/v Functions are built from them) and the one memory-saving autograd
+Function. The Function touches W only through four primitives (`base_matmul`, `base_matmul_t`, `base_dmag`,
+`base_row_norm_sq`) that each backend provides with the same signatures (`backend_ops`):
 
-    base_matmul(x, base, ...)      (x Wᵀ + s·L R)·out_scale + bias        forward; L R = the LoRA term
-    base_matmul_t(dy, base, ...)   (dy·out_scale) W + L R                  dX in backward
-    base_dmag(x, dy, base, ...)    Σ_t dy ⊙ (x Wᵀ + s·L R)                 DoRA magnitude gradient (× 1/n)
-    base_row_norm_sq(base)         ‖W_o‖² per output row                   DoRA norm
+    "torch"    slimtune/ops/gemm_torch.py           readable reference: a fresh dequantized W per call
+    "dequant"  slimtune/ops/gemm_dequant.py         W dequantized into one reused buffer + cuBLAS, in-place LoRA
+    "triton"   slimtune/kernels/qlora_linear.py     one Triton GEMM, W dequantized in registers (small M)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, replace
+from types import SimpleNamespace
 
 import torch
 
-from slimtune.errors import ModelError
+from slimtune.errors import ModelError, SlimtuneError
+from slimtune.ops import gemm_dequant, gemm_torch
+from slimtune.ops.autotune import autograd_trial, shape_bucket
+from slimtune.ops.dispatch import GEMM_BACKENDS, resolve_backend, triton_module
+from slimtune.ops.gemm_torch import base_dmag, base_matmul, base_matmul_t, base_row_norm_sq
 from slimtune.ops.nf4 import NF4Weight, as_nf4_weight, dense_weight
 
 __all__ = [
@@ -33,12 +40,23 @@ __all__ = [
     "lora_linear",
     "lora_projection",
     "lora_linear_reference",
+    "gemm_shape_class",
     "dora_weight_norm",
     "dropout_mask",
     "base_matmul",
     "base_matmul_t",
     "base_dmag",
     "base_row_norm_sq",
+    "backend_ops",
+    "dora_norm",
+    "dropout_seed",
+    "projection_forward",
+    "projection_backward",
+    "projection_grad_input",
+    "factor_needs",
+    "saved_for",
+    "QLoRALinearFunction",
+    "qlora_linear",
 ]
 
 Base = NF4Weight | torch.Tensor
@@ -116,12 +134,30 @@ class LoRAProjection:
 
 def lora_projection(x: torch.Tensor, proj: LoRAProjection, *, backend: str | None = None) -> torch.Tensor:
     """Apply one `LoRAProjection` to x (..., in) -> (..., out) through the fused autograd Function."""
-    from slimtune.kernels.qlora_linear import qlora_linear  # the Function (kernels import this module)
-    from slimtune.ops.dispatch import resolve_backend
-
     lead = x.shape[:-1]
-    y = qlora_linear(x.reshape(-1, x.shape[-1]), proj=proj, backend=resolve_backend(x, backend))
+    x2 = x.reshape(-1, x.shape[-1])
+    b = resolve_backend(
+        x, backend, op="lora_linear", shape_class=gemm_shape_class(x2, (proj,)), choices=GEMM_BACKENDS,
+        trial=autograd_trial(lambda b, x, *f: qlora_linear(x, proj=_with(proj, f), backend=b), (x2, *proj.factors())),
+    )
+    y = qlora_linear(x2, proj=proj, backend=b)
     return y.reshape(*lead, y.shape[-1])
+
+
+def gemm_shape_class(x2: torch.Tensor, projs: tuple[LoRAProjection, ...]) -> str:
+    """The measured-dispatch key of a GEMM op: token bucket, then per projection out x in, base kind, rank, DoRA."""
+
+    def one(p: LoRAProjection) -> str:
+        kind = ("nf4dq" if p.base.nested else "nf4") if isinstance(p.base, NF4Weight) else "dense"
+        return f"{p.shape[0]}x{p.shape[1]}:{kind}:r{p.rank}{':dora' if p.magnitude is not None else ''}"
+
+    return f"M{shape_bucket(x2.shape[0])}|" + ",".join(one(p) for p in projs)
+
+
+def _with(proj: LoRAProjection, factors: tuple) -> LoRAProjection:
+    """`proj` with its factors replaced (the copies a measured-dispatch trial differentiates)."""
+    a, b, m, mag, bias = factors
+    return replace(proj, lora_A=a, lora_B=b, lora_M=m, magnitude=mag, bias=bias)
 
 
 def lora_linear(
@@ -202,75 +238,263 @@ def lora_linear_reference(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# plain-torch pieces the Function runs on the torch backend (x and dy are 2-D; results in x's dtype)
+# backends: the four primitives that touch W
+# ----------------------------------------------------------------------------------------------------------------
+
+_PRIMITIVES = ("base_matmul", "base_matmul_t", "base_dmag", "base_row_norm_sq")
+_BACKENDS: dict[str, SimpleNamespace] = {
+    "torch": SimpleNamespace(name="torch", **{n: getattr(gemm_torch, n) for n in _PRIMITIVES}),
+    "dequant": SimpleNamespace(name="dequant", **{n: getattr(gemm_dequant, n) for n in _PRIMITIVES}),
+}
+
+
+def backend_ops(backend: str) -> SimpleNamespace:
+    """The four primitives of "torch", "dequant" or "triton"; the Functions call nothing else that touches W."""
+    if backend == "triton" and "triton" not in _BACKENDS:
+        mod = triton_module("qlora_linear")
+        if mod is None:
+            raise SlimtuneError("kernel backend 'triton' requested but triton is not installed")
+        _BACKENDS["triton"] = SimpleNamespace(name="triton", **{n: getattr(mod, n) for n in _PRIMITIVES})
+    try:
+        return _BACKENDS[backend]
+    except KeyError:
+        raise SlimtuneError(f"unknown GEMM backend {backend!r}; expected one of torch, dequant, triton") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DoRA norm, cached per optimizer step
+# ----------------------------------------------------------------------------------------------------------------
+
+# id(lora_B) -> (weakref to lora_B, key, norm). The key holds the storage and version counter of every tensor the
+# norm depends on: an optimizer step updates A/B/M in place and bumps their versions, so the norm is computed once
+# per step (forward, and again for free in a checkpointed recompute) and never goes stale.
+_norm_cache: dict[int, tuple[weakref.ref, tuple, torch.Tensor]] = {}
+
+
+def _tensor_key(t: torch.Tensor | None) -> tuple:
+    return () if t is None else (t.data_ptr(), t._version, tuple(t.shape), t.dtype)
+
+
+def _base_key(base) -> tuple:
+    return _tensor_key(base.packed if isinstance(base, NF4Weight) else base)
+
+
+def dora_norm(
+    ops: SimpleNamespace, proj: LoRAProjection, lora_A, lora_B, lora_M, *, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """n = ‖W + s·B M A‖ per row (fp32, no grad) without materialising W:
+
+    n² = ‖W_o‖² + 2s·⟨B_o, (A' Wᵀ)ᵀ_o⟩ + s²·B_o (A' A'ᵀ) B_oᵀ,  A' = M A  (r, in); A' Wᵀ is an (r, out) GEMM in
+    `dtype` (the activations' dtype: tensor cores, not an fp32 CUDA-core GEMM). Cached until A, B or M change.
+    """
+    if lora_A is None:
+        wsq = proj.base_norm_sq if proj.base_norm_sq is not None else ops.base_row_norm_sq(proj.base)
+        return wsq.float().sqrt()
+    dt = dtype or lora_A.dtype
+    key = (ops.name, dt, proj.scale, _base_key(proj.base), *map(_tensor_key, (lora_A, lora_B, lora_M)))
+    hit = _norm_cache.get(id(lora_B))
+    if hit is not None and hit[0]() is lora_B and hit[1] == key:
+        return hit[2]
+    with torch.no_grad():
+        wsq = proj.base_norm_sq if proj.base_norm_sq is not None else ops.base_row_norm_sq(proj.base)
+        a = lora_A.float() if lora_M is None else lora_M.float() @ lora_A.float()
+        b = lora_B.float()
+        s = proj.scale
+        p = ops.base_matmul(a.to(dt).contiguous(), proj.base).float()  # (r, out)
+        cross = (b * p.T).sum(1)
+        quad = ((b @ (a @ a.T)) * b).sum(1)
+        norm = (wsq.float() + 2.0 * s * cross + (s * s) * quad).clamp_min(0.0).sqrt()
+    bid = id(lora_B)
+    _norm_cache[bid] = (weakref.ref(lora_B, lambda r, bid=bid: _forget(bid, r)), key, norm)
+    return norm
+
+
+def _forget(bid: int, ref: weakref.ref) -> None:
+    if bid in _norm_cache and _norm_cache[bid][0] is ref:  # not an entry of a newer tensor with the same id
+        del _norm_cache[bid]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one projection: forward / backward math shared by the linear, MLP and q/k/v Functions
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def base_matmul(
-    x: torch.Tensor,
-    base: Base,
-    *,
-    lora_left: torch.Tensor | None = None,
-    lora_right: torch.Tensor | None = None,
-    lora_scale: float = 1.0,
-    out_scale: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """(x Wᵀ + lora_scale · lora_left @ lora_right) · out_scale + bias.
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
 
-    x (T, in); lora_left (T, r); lora_right (r, out); out_scale, bias (out,) -> (T, out) in x's dtype.
+
+def dropout_seed(proj: LoRAProjection) -> int | None:
+    """A fresh seed for the projection's LoRA dropout mask (None without dropout or adapter).
+
+    Drawn from torch's default CPU generator (no device sync; reproducible under torch.manual_seed and resumable
+    from the saved RNG state); the (T, in) mask itself is regenerated from it in backward, never saved.
     """
-    y = x @ dense_weight(base, x.dtype).T
-    if lora_left is not None:
-        y += lora_scale * (lora_left @ lora_right.to(x.dtype))
-    if out_scale is not None:
-        y = (y.float() * out_scale).to(x.dtype)
-    if bias is not None:
-        y += bias.to(x.dtype)
-    if out is not None:
-        return out.copy_(y)
-    return y
+    if proj.dropout <= 0.0 or proj.lora_A is None:
+        return None
+    return int(torch.randint(0, 2**62, (1,)).item())
 
 
-def base_matmul_t(
-    dy: torch.Tensor,
-    base: Base,
+def _dropped(x: torch.Tensor, proj: LoRAProjection, seed: int) -> torch.Tensor:
+    """drop(x): a transient (T, in) copy."""
+    return dropout_mask(x.shape, proj.dropout, seed, device=x.device, dtype=x.dtype).mul_(x)
+
+
+def projection_forward(
+    ops: SimpleNamespace,
+    x: torch.Tensor,
+    proj: LoRAProjection,
+    factors: tuple,
     *,
-    out_scale: torch.Tensor | None = None,
-    lora_left: torch.Tensor | None = None,
-    lora_right: torch.Tensor | None = None,
+    seed: int | None = None,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """y (T, out) = the projection of x (T, in); also returns xa = drop(X) Aᵀ (T, r) and the DoRA norm n (out,).
+
+    `seed` (from `dropout_seed`) switches on LoRA dropout; pass the same seed to the backward functions.
+    """
+    lora_A, lora_B, lora_M, magnitude, bias = factors
+    dt = x.dtype
+    xa = xam = norm = scale_vec = None
+    if lora_A is not None:
+        xa = (x if seed is None else _dropped(x, proj, seed)) @ lora_A.to(dt).T
+        xam = xa if lora_M is None else xa @ lora_M.to(dt).T
+    if magnitude is not None:
+        norm = dora_norm(ops, proj, lora_A, lora_B, lora_M, dtype=dt)
+        scale_vec = magnitude.float() / norm
+    y = ops.base_matmul(
+        x, proj.base, lora_left=xam, lora_right=None if lora_B is None else lora_B.to(dt).T,
+        lora_scale=proj.scale, out_scale=scale_vec, bias=bias, out=out,
+    )
+    return y, xa, norm
+
+
+def projection_backward(
+    ops: SimpleNamespace,
+    dy: torch.Tensor,
+    x: torch.Tensor | None,
+    proj: LoRAProjection,
+    factors: tuple,
+    xa: torch.Tensor | None,
+    norm: torch.Tensor | None,
+    *,
+    needs: tuple[bool, ...],
+    seed: int | None = None,
+) -> tuple[tuple, torch.Tensor | None]:
+    """Factor gradients (dA, dB, dM, dmag, dbias) of one projection, and G·M (T, r) for `projection_grad_input`.
+
+    `needs` = (x, A, B, M, mag, bias) flags. With c = m/n (DoRA) or 1, dz = dY·c, G = s·dz B (T, r),
+    xam = xa Mᵀ:  dB = s·dzᵀ xam,  dM = Gᵀ xa,  dA = (G M)ᵀ X,  dm = Σ_t dY ⊙ z / n,  dbias = Σ_t dY
+    (and dX = dz W + (G M) A in `projection_grad_input`). x is only read for dA and dm, so a caller may reuse x's
+    storage for dX after this returns.
+    """
+    need_x, need_a, need_b, need_m, need_mag, need_bias = needs
+    lora_A, lora_B, lora_M, magnitude, bias = factors
+    dt = dy.dtype
+    s = proj.scale
+    da = db = dm = dmag = dbias = gm = xam = b_c = None
+    c = None if magnitude is None else magnitude.float() / norm
+    if lora_A is not None:
+        b_c, m_c = lora_B.to(dt), _cast(lora_M, dt)
+        if need_b or need_mag:
+            xam = xa if m_c is None else xa @ m_c.T
+        if need_b:
+            dyt_xam = dy.T @ xam  # (out, r)
+            db = (dyt_xam.float() * (s if c is None else s * c[:, None])).to(lora_B.dtype)
+        if need_x or need_a or need_m:
+            b_eff = b_c if c is None else (b_c.float() * c[:, None]).to(dt)
+            g = (dy @ b_eff) * s  # (T, r)
+            if need_m:
+                dm = (g.T @ xa).to(lora_M.dtype)
+            gm = g if m_c is None else g @ m_c
+            if need_a:
+                da = (gm.T @ (x if seed is None else _dropped(x, proj, seed))).to(lora_A.dtype)
+    if need_mag:
+        zdy = ops.base_dmag(
+            x, dy, proj.base, lora_left=xam, lora_right=None if b_c is None else b_c.T, lora_scale=s
+        )
+        dmag = (zdy / norm).to(magnitude.dtype)
+    if need_bias:
+        dbias = dy.float().sum(0).to(bias.dtype)
+    return (da, db, dm, dmag, dbias), gm
+
+
+def projection_grad_input(
+    ops: SimpleNamespace,
+    dy: torch.Tensor,
+    proj: LoRAProjection,
+    factors: tuple,
+    norm: torch.Tensor | None,
+    gm: torch.Tensor | None,
+    *,
     out: torch.Tensor | None = None,
     accumulate: bool = False,
+    seed: int | None = None,
 ) -> torch.Tensor:
-    """(dy · out_scale) @ W + lora_left @ lora_right, added to `out` when `accumulate`.
+    """dX = (dY·c) W + (G M) A: one GEMM call of the backend; into `out` (added when `accumulate`).
 
-    dy (T, out); out_scale (out,); lora_left (T, r); lora_right (r, in) -> (T, in) in dy's dtype.
+    With dropout the adapter term is masked, ((G M) A) ⊙ mask, and added after the GEMM (untuned: no GPU).
     """
-    if out_scale is not None:
-        dy = (dy.float() * out_scale).to(dy.dtype)
-    dx = dy @ dense_weight(base, dy.dtype)
-    if lora_left is not None:
-        dx += lora_left @ lora_right.to(dy.dtype)
-    if out is None:
-        return dx
-    return out.add_(dx) if accumulate else out.copy_(dx)
+    lora_A, _, _, magnitude, _ = factors
+    c = None if magnitude is None else magnitude.float() / norm
+    a_c = None if gm is None else lora_A.to(dy.dtype)
+    if seed is None or gm is None:
+        return ops.base_matmul_t(
+            dy, proj.base, out_scale=c, lora_left=gm, lora_right=a_c, out=out, accumulate=accumulate
+        )
+    dx = ops.base_matmul_t(dy, proj.base, out_scale=c, out=out, accumulate=accumulate)
+    shape = (dy.shape[0], proj.shape[1])
+    return dx.addcmul_(gm @ a_c, dropout_mask(shape, proj.dropout, seed, device=dy.device, dtype=dy.dtype))
 
 
-def base_dmag(
-    x: torch.Tensor,
-    dy: torch.Tensor,
-    base: Base,
-    *,
-    lora_left: torch.Tensor | None = None,
-    lora_right: torch.Tensor | None = None,
-    lora_scale: float = 1.0,
-) -> torch.Tensor:
-    """Σ_t dy ⊙ (x Wᵀ + lora_scale · lora_left @ lora_right): fp32 (out,). The recomputed z never leaves here."""
-    z = base_matmul(x, base, lora_left=lora_left, lora_right=lora_right, lora_scale=lora_scale)
-    return (dy.float() * z.float()).sum(0)
+def factor_needs(proj_factors: tuple, needs_input_grad: tuple[bool, ...]) -> tuple[bool, ...]:
+    """(A, B, M, mag, bias) grad flags: only for tensors that exist and need a gradient."""
+    return tuple(t is not None and bool(n) for t, n in zip(proj_factors, needs_input_grad, strict=True))
 
 
-def base_row_norm_sq(base: Base) -> torch.Tensor:
-    """‖W_o‖² per output row, fp32 (out,)."""
-    return dense_weight(base, torch.float32).square().sum(1)
+def saved_for(factors: tuple, needs: tuple[bool, ...]) -> tuple[bool, bool]:
+    """(keep x, keep xa) for one projection, given its factor `needs`: x only for dA / dm; xa for dB / dM / dm."""
+    need_a, need_b, need_m, need_mag, _ = needs
+    keep_x = need_a or need_mag
+    keep_xa = factors[0] is not None and (need_b or need_m or need_mag)
+    return keep_x, keep_xa
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# autograd.Function (one, for every backend)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class QLoRALinearFunction(torch.autograd.Function):
+    """y = proj(x) for x (T, in). Saves X (only when dA or dm is needed), X Aᵀ (T, r) and the DoRA norm (out,).
+
+    Inputs after (x, proj, backend) are the factors in `LoRAProjection.factors()` order (A, B, M, mag, bias).
+    """
+
+    @staticmethod
+    def forward(ctx, x, proj: LoRAProjection, backend: str, *factors):
+        ops = backend_ops(backend)
+        seed = dropout_seed(proj)
+        y, xa, norm = projection_forward(ops, x, proj, factors, seed=seed)
+        needs = factor_needs(factors, ctx.needs_input_grad[3:])
+        keep_x, keep_xa = saved_for(factors, needs)
+        ctx.proj, ctx.backend, ctx.needs, ctx.seed = proj, backend, needs, seed
+        ctx.save_for_backward(x if keep_x else None, xa if keep_xa else None, norm, *factors)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, xa, norm, *factors = ctx.saved_tensors
+        needs = (ctx.needs_input_grad[0], *ctx.needs)
+        ops, dy, factors = backend_ops(ctx.backend), dy.contiguous(), tuple(factors)
+        grads, gm = projection_backward(ops, dy, x, ctx.proj, factors, xa, norm, needs=needs, seed=ctx.seed)
+        dx = projection_grad_input(ops, dy, ctx.proj, factors, norm, gm, seed=ctx.seed) if needs[0] else None
+        return (dx, None, None, *grads)
+
+
+def qlora_linear(x: torch.Tensor, *, proj: LoRAProjection, backend: str = "torch") -> torch.Tensor:
+    """The QLoRA linear for a 2-D x (T, in) on the given backend ("torch" | "dequant" | "triton")."""
+    if x.dim() != 2:
+        raise ValueError(f"qlora_linear expects a 2-D (tokens, in) input, got shape {tuple(x.shape)}")
+    if x.shape[1] != proj.shape[1]:
+        raise ValueError(f"qlora_linear: input has {x.shape[1]} features, base weight expects {proj.shape[1]}")
+    return QLoRALinearFunction.apply(x, proj, backend, *proj.factors())

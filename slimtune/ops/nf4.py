@@ -104,6 +104,43 @@ class NF4Weight:
         """From a bitsandbytes `Params4bit` (the `.weight` of a quantized `Linear4bit`)."""
         return cls.from_quant_state(weight.data, getattr(weight, "quant_state", None))
 
+    def row_unit(self) -> int:
+        """Smallest row count r with r·in a whole number of (second-level, when nested) absmax blocks."""
+        import math
+
+        q = self.blocksize * (self.absmax_blocksize if self.nested else 1)
+        return q // math.gcd(self.in_features, q)
+
+    def rows(self, start: int, stop: int) -> NF4Weight:
+        """Rows [start, stop) as an NF4Weight of views, nothing copied (the streamed lm_head of ops/linear_ce.py).
+
+        `start` must be a multiple of `row_unit()` so the slice owns whole absmax blocks; `stop` any row. The
+        bitsandbytes quant_state is sliced alike (a shallow copy), so `dense_weight` keeps its native fast path.
+        """
+        import copy
+
+        o, i = self.shape
+        if not 0 <= start <= stop <= o or start % self.row_unit():
+            unit = self.row_unit()
+            raise ModelError(f"NF4Weight.rows({start}, {stop}): rows of {o}, starting at a multiple of {unit}")
+        f0, f1 = start * i, stop * i
+        b0, b1 = f0 // self.blocksize, -(-f1 // self.blocksize)
+        c0, c1 = b0 // self.absmax_blocksize, -(-b1 // self.absmax_blocksize)
+        absmax_scale = self.absmax_scale[c0:c1] if self.nested else None
+        qs = None
+        if self.quant_state is not None:
+            qs = copy.copy(self.quant_state)
+            qs.absmax, qs.shape = self.absmax[b0:b1], torch.Size((stop - start, i))
+            if self.nested:
+                qs.state2 = copy.copy(self.quant_state.state2)
+                qs.state2.absmax = absmax_scale
+        return NF4Weight(
+            packed=self.packed[f0 // 2 : (f1 + 1) // 2], code=self.code, absmax=self.absmax[b0:b1],
+            blocksize=self.blocksize, shape=(stop - start, i), dtype=self.dtype, quant_type=self.quant_type,
+            absmax_code=self.absmax_code, absmax_scale=absmax_scale, absmax_blocksize=self.absmax_blocksize,
+            absmax_offset=self.absmax_offset, quant_state=qs,
+        )
+
     def block_absmax(self) -> torch.Tensor:
         """First-level absmax as fp32 (n_blocks,); a small new tensor when nested, the stored one otherwise."""
         if not self.nested:

@@ -1,85 +1,74 @@
-"""Fault injection for the reliability tests (DESIGN.md §7), driven by the SLIMTUNE_FAULT environment variable.
+"""Fault injection for the reliability tests (DESIGN.md §7): trainer callbacks that tests register.
 
-``nan@K``: the loss of optimizer step K becomes NaN. ``oom@K``: step K raises a CUDA-style out-of-memory error.
-``kill_ckpt@K``: the process is killed with SIGKILL in the middle of writing the checkpoint of step K.
-Unset (the normal case), every hook here is a no-op.
+``NanLossAt(K)``: the loss of optimizer step K becomes NaN. ``OomAt(K)``: step K raises a CUDA-style
+out-of-memory error. ``KillInCheckpointAt(K)``: the process is killed with SIGKILL in the middle of writing the
+checkpoint of step K (after the weights, before trainer.pt and the COMPLETE marker).
+
+In-process tests append these to ``trainer.callbacks`` (or pass ``run_recipe(..., callbacks=...)``). Tests that run
+``slimtune run`` in a subprocess cannot do that: for them the CLI reads ``SLIMTUNE_FAULT`` (``nan@K``, ``oom@K``,
+``kill_ckpt@K``, comma-separated) once at start-up through ``from_env``; the loop itself never looks at it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
+from pathlib import Path
 
 import torch
 
-from slimtune.errors import ResourceError
+from slimtune.errors import SlimtuneError
+from slimtune.train.callbacks import TrainerCallback
+
+ENV = "SLIMTUNE_FAULT"
 
 
-def _fault(kind: str) -> int | None:
-    spec = os.environ.get("SLIMTUNE_FAULT", "")
-    for part in spec.split(","):
+class NanLossAt(TrainerCallback):
+    """Every micro-batch loss of optimizer step ``step`` becomes NaN."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_micro_batch_loss(self, trainer, index: int, loss_sum: torch.Tensor) -> torch.Tensor | None:
+        return loss_sum * float("nan") if trainer.pos.step + 1 == self.step else None
+
+
+class OomAt(TrainerCallback):
+    """Optimizer step ``step`` raises ``torch.OutOfMemoryError`` before its first micro-batch."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_start(self, trainer, step: int) -> None:
+        if step == self.step:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected by {type(self).__name__})")
+
+
+class KillInCheckpointAt(TrainerCallback):
+    """SIGKILL the process halfway through writing the checkpoint of step ``step`` (a power cut mid-write)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_checkpoint_write(self, trainer, tmp_dir: Path) -> None:
+        if trainer.pos.step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+KINDS: dict[str, type[TrainerCallback]] = {"nan": NanLossAt, "oom": OomAt, "kill_ckpt": KillInCheckpointAt}
+
+
+def from_spec(spec: str) -> list[TrainerCallback]:
+    """``"nan@3,kill_ckpt@5"`` → the fault callbacks it names (an empty spec: none)."""
+    out: list[TrainerCallback] = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, step = part.partition("@")
-        if name.strip() == kind and step.strip().isdigit():
-            return int(step)
-    return None
+        if name.strip() not in KINDS or not step.strip().isdigit():
+            raise SlimtuneError(f"{ENV}={spec}: {part!r} is not KIND@STEP with KIND one of {', '.join(KINDS)}")
+        out.append(KINDS[name.strip()](int(step)))
+    return out
 
 
-def maybe_corrupt_loss(loss: torch.Tensor, step: int) -> torch.Tensor:
-    return loss * float("nan") if _fault("nan") == step else loss
-
-
-def maybe_kill_during_checkpoint(step: int) -> None:
-    if _fault("kill_ckpt") == step:
-        os.environ["SLIMTUNE_KILL_IN_WRITE"] = "1"
-
-
-def kill_now_if_requested() -> None:
-    """Called by the checkpoint writer after its first file: simulates a power cut mid-write."""
-    if os.environ.get("SLIMTUNE_KILL_IN_WRITE") == "1":
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-@contextlib.contextmanager
-def oom_guard(step: int, device: torch.device, recipe=None):
-    """Turn an out-of-memory error during a step into a ResourceError (exit code 3) with what to lower."""
-    try:
-        if _fault("oom") == step:
-            raise torch.OutOfMemoryError("CUDA out of memory (injected by SLIMTUNE_FAULT)")
-        yield
-    except torch.OutOfMemoryError as e:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        raise ResourceError(
-            f"out of memory at step {step} ({str(e).splitlines()[0]}); {_estimate_line(recipe, device)}lower "
-            "train.micro_batch (raise train.grad_accum to keep the batch) or data.max_seq_len, or set "
-            "train.grad_checkpointing: full|offload, train.optimizer: adamw8bit, quant.mode: nf4 — "
-            "`slimtune estimate RECIPE` shows what fits"
-        ) from None
-
-
-def _estimate_line(recipe, device: torch.device) -> str:
-    """The estimator's figures for this recipe on this GPU ("estimated peak X GiB of Y GiB, longest fitting
-    sequence N tokens; "), or "" when the estimator cannot say (no ``estimate_for_recipe``, no recipe, a failure)."""
-    if recipe is None:
-        return ""
-    try:
-        from slimtune.bench import estimate as est_mod
-
-        fn = getattr(est_mod, "estimate_for_recipe", None)
-        if fn is None:
-            return ""
-        gib = None
-        if device.type == "cuda":
-            gib = torch.cuda.get_device_properties(device).total_memory / est_mod.GiB
-        try:
-            est = fn(recipe, gpu_mem_gib=gib)
-        except TypeError:
-            est = fn(recipe)
-        parts = [f"estimated peak {est.total_bytes / est_mod.GiB:.2f} GiB"
-                 + (f" of {gib:.1f} GiB" if gib else "")]
-        if gib:
-            parts.append(f"longest sequence that fits at this micro_batch: {est.max_seq_len_that_fits(gib)} tokens")
-        return ", ".join(parts) + "; "
-    except Exception:  # the message must never fail: fall back to naming the command
-        return ""
+def from_env() -> list[TrainerCallback]:
+    """The callbacks ``SLIMTUNE_FAULT`` asks for (read once, by the CLI's ``run``)."""
+    return from_spec(os.environ.get(ENV, ""))

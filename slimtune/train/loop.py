@@ -8,29 +8,40 @@ never exist).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
 import resource
 import signal
+import threading
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file, save_file
 
 from slimtune.adapters.export import export_peft, load_native, save_native
 from slimtune.adapters.inject import adapters_of, inject
+from slimtune.adapters.base import cast_trainable
+from slimtune.adapters.full import select_trainable
 from slimtune.config.recipe import Recipe
 from slimtune.data.dataset import TrainData, build_dataset, count_target_tokens
 from slimtune.errors import RecipeError, SlimtuneError
-from slimtune.models.load import LoadedModel, load_model
-from slimtune.models.fused import causal_lm_loss
-from slimtune.train import faults
+from slimtune.export.run import export_adapter_gguf
+from slimtune.models.fused import causal_lm_loss, fuse_model
+from slimtune.models.embeddings import embeddings_to_host
+from slimtune.models.load import DTYPES, LoadedModel, load_model, peft_base_name
+from slimtune.ops.dispatch import set_backend
+from slimtune.train.callbacks import TrainerCallback
 from slimtune.train.checkpointing import enable_checkpointing
+from slimtune.train.distributed import DistContext, checkpoint_ranks, current, rank_rng
+from slimtune.train.merge import CHAT_TEMPLATE_FILE, make_saveable, merge_to_folder
+from slimtune.train.oom import oom_guard
 from slimtune.train.optim import build_optimizer, build_scheduler, drop_frozen
 from slimtune.train.report import Reporter, SilentReporter
 from slimtune.train.state import (
@@ -42,6 +53,8 @@ from slimtune.train.state import (
     set_rng_state,
     write_checkpoint,
 )
+
+WEIGHTS = "weights.safetensors"  # a checkpoint's trained parameters when trainable="model"
 
 
 class NonFiniteLoss(SlimtuneError):
@@ -79,14 +92,39 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of next-token losses over the batch's target tokens (labels != -100), fp32 0-dim."""
+    """Sum of next-token losses over the batch's target tokens (labels != -100), fp32 0-dim.
+
+    A packed batch (``position_ids``, data.packing on SFT) goes without attention_mask: transformers builds the
+    block-diagonal causal mask from the restarting positions, so examples never attend to each other.
+    """
+    if "position_ids" in batch:
+        return causal_lm_loss(model, input_ids=batch["input_ids"], labels=batch["labels"],
+                              position_ids=batch["position_ids"], reduction="sum")
     return causal_lm_loss(model, input_ids=batch["input_ids"], labels=batch["labels"],
                           attention_mask=batch["attention_mask"], reduction="sum")
 
 
 @dataclass
 class Trainer:
-    """Trains one stage. ``model`` may be given (tests, chained stages); otherwise it is loaded from the recipe."""
+    """Trains one stage. ``model`` may be given (tests, chained stages); otherwise it is loaded from the recipe.
+
+    ``callbacks``: ``TrainerCallback`` objects (slimtune.train.callbacks) called at the documented points of
+    ``train`` and ``save_checkpoint``; append to ``trainer.callbacks`` or pass them here.
+
+    ``trainable``: ``"adapter"`` (the default) injects the recipe's adapter (or loads ``init_adapter``) and trains
+    it; ``"model"`` injects nothing and trains the parameters of the given ``loaded`` model that have
+    ``requires_grad`` set (full fine-tuning, e.g. LoRAM's alignment with lm_head frozen): its checkpoints hold those
+    parameters (``weights.safetensors``) instead of an adapter, the fused path (adapter-only) is not applied, and
+    the caller saves the trained model (``save_outputs`` writes adapters only).
+
+    ``data``: the training data, when the caller built it (the benchmark's random tokens); otherwise it is built
+    from ``recipe.data``. ``loss_fn(model, batch)``: the summed token loss of a micro-batch (default: the chunked
+    linear cross-entropy of ``causal_lm_loss_sum``; the benchmark's HF + PEFT baseline passes HF's own loss).
+    ``handle_signals``: SIGINT/SIGTERM finish the step, checkpoint and stop (the benchmark turns it off).
+    ``dist``: under torchrun, the data-parallel context (``slimtune.train.distributed``; default: the process
+    group this process joined, None when alone): the data stream, the step's token counts and gradient sync, the
+    checkpoint's RNG states and the rank-0-only writes go through it.
+    """
 
     recipe: Recipe
     run_dir: Path
@@ -95,6 +133,12 @@ class Trainer:
     loaded: LoadedModel | None = None
     init_adapter: Path | None = None
     stage: str = "main"
+    callbacks: list[TrainerCallback] = field(default_factory=list)
+    trainable: Literal["adapter", "model"] = "adapter"
+    data: TrainData | None = None
+    loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] = causal_lm_loss_sum
+    handle_signals: bool = True
+    dist: DistContext | None = field(default_factory=current)  # data-parallel seams (slimtune.train.distributed)
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
@@ -109,9 +153,22 @@ class Trainer:
         seed_everything(r.train.seed)
         if self.loaded is None:
             self.reporter.log(f"loading {r.model.name} (quant {r.quant.mode})")
-            self.loaded = load_model(r.model, r.quant, device=r.train.device)
+            quant = r.quant
+            if r.adapter.kind == "full" and quant.mode != "none":  # full fine-tuning trains a dense base
+                self.reporter.log(f"adapter.kind full: the base is loaded dense (quant.mode {quant.mode} is for "
+                                  f"adapter stages)")
+                quant = quant.model_copy(update={"mode": "none"})
+            self.loaded = load_model(r.model, quant, device=r.train.device)
         self.model, self.tokenizer, self.device = self.loaded.model, self.loaded.tokenizer, self.loaded.device
-        if adapters_of(self.model):
+        if r.adapter.kind == "full" and self.trainable == "adapter":  # full fine-tuning: the "model" path below
+            try:
+                select_trainable(self.model, r.adapter)
+            except ValueError as e:
+                raise RecipeError(str(e)) from None
+            self.trainable = "model"
+        if self.trainable == "model":
+            self.adapters = {}
+        elif adapters_of(self.model):
             self.adapters = adapters_of(self.model)
         elif self.init_adapter is not None:
             self.adapters = load_native(self.model, self.init_adapter)
@@ -125,17 +182,19 @@ class Trainer:
             facts = a.extra_adapter_config()
             if facts:
                 self.reporter.log(f"{a.name}: {facts}")
+        if r.train.adapter_dtype != "float32":  # fp32 master copies live in the optimizer (MasterWeights)
+            cast_trainable(self.adapters, DTYPES[r.train.adapter_dtype])
+        if r.train.embeddings_on == "cpu":
+            embeddings_to_host(self.model)
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         n_total = sum(p.numel() for p in self.model.parameters())
-        self.reporter.log(
-            f"{len(self.adapters)} {r.adapter.kind} adapters, {n_train:,} trainable parameters "
-            f"({100 * n_train / max(n_total, 1):.2f}% of {n_total:,})"
-        )
+        if n_train == 0:
+            raise SlimtuneError(f"stage {self.stage}: nothing to train (no parameter requires a gradient)")
+        what = "full fine-tuning" if self.trainable == "model" else f"{len(self.adapters)} {r.adapter.kind} adapters"
+        self.reporter.log(f"{what}, {n_train:,} trainable parameters ({100 * n_train / max(n_total, 1):.2f}% of "
+                          f"{n_total:,})")
         self.fuse_report = None
-        if r.train.fused:
-            from slimtune.models.fused import fuse_model
-            from slimtune.ops.dispatch import set_backend
-
+        if r.train.fused and self.trainable == "adapter":  # the fused ops train adapters on a frozen base
             set_backend(r.train.kernels)
             self.fuse_report = fuse_model(self.model, log=self.reporter.log)
         if r.train.grad_checkpointing != "none":
@@ -143,10 +202,11 @@ class Trainer:
                 enable_checkpointing(self.model, r.train.grad_checkpointing)
             except ValueError as e:
                 raise RecipeError(f"train.grad_checkpointing: {r.train.grad_checkpointing}: {e}") from None
-        self.data: TrainData = build_dataset(r.data, self.tokenizer, base_dir=self.base_dir, seed=r.train.seed)
+        if self.data is None:
+            self.data = build_dataset(r.data, self.tokenizer, base_dir=self.base_dir, seed=r.train.seed)
         if len(self.data) == 0:
             raise SlimtuneError("data: no training examples after tokenization (check the sources and format)")
-        self.batches_per_epoch = self.data.num_batches(r.train.micro_batch)
+        self.batches_per_epoch = self.data.num_batches(self._global_micro_batch)  # global micro-batches
         self.total_steps = r.train.steps or max(
             1, math.ceil(r.train.epochs * self.batches_per_epoch / r.train.grad_accum)
         )
@@ -156,6 +216,18 @@ class Trainer:
         self.reporter.log(
             f"{len(self.data)} examples, {self.batches_per_epoch} micro-batches/epoch, {self.total_steps} steps"
         )
+        if self.dist is not None:  # torchrun: the reducer over the trainable parameters (slimtune.train.distributed)
+            self.dist.setup(self)
+
+    @property
+    def _global_micro_batch(self) -> int:
+        """Examples per micro-step over all ranks (``micro_batch`` when running alone)."""
+        return self.recipe.train.micro_batch * (1 if self.dist is None else self.dist.world)
+
+    @property
+    def _writes(self) -> bool:
+        """Whether this process writes files (rank 0 of a torchrun job, or the only process)."""
+        return self.dist is None or self.dist.is_main
 
     # ------------------------------------------------------------------------------------------ resume
     @property
@@ -179,7 +251,7 @@ class Trainer:
             raise SlimtuneError(f"--resume {ckpt}: unreadable recipe.json ({e})") from None
         check_resume_compatible(saved_recipe, self.recipe.model_dump(mode="json"), where=str(ckpt))
         try:
-            load_native(self.model, ckpt / "adapter")
+            self._load_weights(ckpt)
             state = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=False)
         except Exception as e:  # a damaged file: one line naming it, not a traceback
             raise SlimtuneError(f"--resume {ckpt}: cannot read the checkpoint ({type(e).__name__}: {e})") from None
@@ -192,7 +264,7 @@ class Trainer:
             drop_frozen(self.optimizer)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        set_rng_state(rank_rng(state, self.dist, where=str(ckpt)))  # this rank's RNG
         self.pos = Position(**state["position"])
         self._truncate_metrics(self.pos.step)
         self.reporter.log(f"resumed from {ckpt} at step {self.pos.step}")
@@ -207,25 +279,53 @@ class Trainer:
         """Endless micro-batch stream from the current data position (advancing epochs)."""
         mb = self.recipe.train.micro_batch
         while True:
-            for batch in self.data.batches(mb, epoch=self.pos.epoch, start=self.pos.batch):
+            for batch in self.data.batches(self._global_micro_batch, epoch=self.pos.epoch, start=self.pos.batch):
                 self.pos.batch += 1
-                yield batch
+                yield batch if self.dist is None else self.dist.shard(batch, mb)  # this rank's rows
             self.pos.epoch += 1
             self.pos.batch = 0
 
-    def _step(self, stream) -> StepResult:
-        r = self.recipe.train
+    @contextlib.contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        """The callbacks' ``phase`` context managers around one phase of a step (none registered: nothing)."""
+        with contextlib.ExitStack() as stack:
+            for cb in self.callbacks:
+                cm = cb.phase(self, name)
+                if cm is not None:
+                    stack.enter_context(cm)
+            yield
+
+    def step(self, micro: list[dict[str, torch.Tensor]]) -> StepResult:
+        """One optimizer step over the micro-batches ``micro`` (``train`` gives it ``grad_accum`` of the data's;
+        the benchmark also calls it on batches of its own). Non-finite loss or gradient: ``train.on_nonfinite``."""
         t0 = time.perf_counter()
-        micro = [next(stream) for _ in range(r.grad_accum)]
         n_target = sum(count_target_tokens(b) for b in micro)
         n_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+        if self.dist is not None:  # the global step's counts: every rank normalises by the same target tokens
+            n_target, n_tokens = self.dist.global_counts(micro)
         total = torch.zeros((), device=self.device)  # summed on the device: one host sync per step, not per micro
-        for b in micro:
+        for i, b in enumerate(micro):
             b = {k: v.to(self.device) for k, v in b.items()}
-            loss_sum = causal_lm_loss_sum(self.model, b)
-            loss_sum = faults.maybe_corrupt_loss(loss_sum, self.pos.step + 1)
-            (loss_sum / max(n_target, 1)).backward()
+            sync = self.dist.grad_sync(last=i == len(micro) - 1) if self.dist is not None else contextlib.nullcontext()
+            with sync:  # torchrun: no_sync on accumulation micro-steps, one gradient all-reduce per step
+                with self._phase("forward"):
+                    loss_sum = self.loss_fn(self.model, b)
+                    for cb in self.callbacks:
+                        new = cb.on_micro_batch_loss(self, i, loss_sum)
+                        loss_sum = loss_sum if new is None else new
+                with self._phase("backward"):
+                    (loss_sum / max(n_target, 1)).backward()
             total += loss_sum.detach()
+        if self.dist is not None:
+            total = self.dist.all_sum(total)  # the global loss: the same on every rank (and in the log)
+        with self._phase("optimizer"):
+            loss, lr, gnorm, skipped = self._optimizer_step(total, n_target)
+        return StepResult(self.pos.step, loss, lr, n_tokens, n_target, time.perf_counter() - t0, gnorm, skipped)
+
+    def _optimizer_step(self, total: torch.Tensor, n_target: int) -> tuple[float, float, float, bool]:
+        """Clip, check for non-finite values, step the optimizer and the schedule. Returns (loss, lr, gnorm,
+        skipped)."""
+        r = self.recipe.train
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if r.max_grad_norm > 0:
             gnorm = float(torch.nn.utils.clip_grad_norm_(params, r.max_grad_norm))
@@ -257,7 +357,7 @@ class Trainer:
             a.on_step(self.pos.step, self.total_steps)
         if any(not p.requires_grad for p in params):
             drop_frozen(self.optimizer)
-        return StepResult(self.pos.step, loss, lr, n_tokens, n_target, time.perf_counter() - t0, gnorm, skipped)
+        return loss, lr, gnorm, skipped
 
     def train(self, *, stop_after: int | None = None) -> dict[str, Any]:
         """Run until ``total_steps`` (or ``stop_after`` steps in this call, or a stop request). Returns the summary."""
@@ -266,20 +366,26 @@ class Trainer:
         stream = self._micro_batches()
         start_step, t_start = self.pos.step, time.perf_counter()
         old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        in_main = _in_main_thread()
+        in_main = self.handle_signals and _in_main_thread()
         if in_main:
             for s in old:
                 signal.signal(s, self.request_stop)
         interrupted = False
         self._truncate_metrics(self.pos.step)  # rows past the restored position belong to a lost (killed) run
         self.reporter.start(total=self.total_steps, done=self.pos.step)
+        for cb in self.callbacks:
+            cb.on_train_start(self)
         try:
             while self.pos.step < self.total_steps:
-                with faults.oom_guard(self.pos.step + 1, self.device, recipe=self.recipe):
-                    res = self._step(stream)
+                with oom_guard(self.pos.step + 1, self.device, hints=self._oom_hints):
+                    for cb in self.callbacks:
+                        cb.on_step_start(self, self.pos.step + 1)
+                    res = self.step([next(stream) for _ in range(r.grad_accum)])
                 self.history.append(res)
                 self._log_metrics(res)
                 self.reporter.step(res, peak_memory_bytes(self.device))
+                for cb in self.callbacks:
+                    cb.on_step_end(self, res)
                 done_here = self.pos.step - start_step
                 if r.save_every and self.pos.step % r.save_every == 0 and self.pos.step < self.total_steps:
                     self.save_checkpoint()
@@ -311,10 +417,17 @@ class Trainer:
             "skipped_steps": self._skipped_steps(),
             "fused": self.fuse_report.lines() if self.fuse_report is not None else None,
         }
+        for cb in self.callbacks:
+            cb.on_train_end(self, summary)
         return summary
+
+    def _oom_hints(self, error: BaseException) -> list[str]:
+        return [h for cb in self.callbacks if (h := cb.on_oom(self, error))]
 
     # ------------------------------------------------------------------------------------------ save
     def _log_metrics(self, res: StepResult) -> None:
+        if not self._writes:
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": res.step, "loss": res.loss, "lr": res.lr, "tokens": res.tokens,
@@ -336,7 +449,7 @@ class Trainer:
 
     def _truncate_metrics(self, step: int) -> None:
         path = self.run_dir / "metrics.jsonl"
-        if path.is_file():
+        if path.is_file() and self._writes:
             rows = [row for row in self._metric_rows() if row["step"] <= step]
             path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
@@ -345,9 +458,15 @@ class Trainer:
         return [row["step"] for row in self._metric_rows() if row.get("skipped")]
 
     def save_checkpoint(self) -> Path:
+        ranks = checkpoint_ranks(self.dist)  # world size and every rank's RNG (torchrun: a collective, all ranks)
+        if not self._writes:  # rank 0 writes the checkpoint
+            self._saved_step = self.pos.step
+            return self.ckpt_root / f"step-{self.pos.step:08d}"
+
         def writer(tmp: Path) -> None:
-            save_native(self.model, tmp / "adapter", extra={"base_model": self.recipe.model.name})
-            faults.kill_now_if_requested()
+            self._save_weights(tmp)
+            for cb in self.callbacks:
+                cb.on_checkpoint_write(self, tmp)
             torch.save(
                 {
                     "step": self.pos.step,
@@ -355,31 +474,68 @@ class Trainer:
                     "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(),
                     "rng": rng_state(),
+                    **ranks,
                     "stage": self.stage,
                 },
                 tmp / "trainer.pt",
             )
             (tmp / "recipe.json").write_text(json.dumps(self.recipe.model_dump(mode="json"), indent=2))
 
-        faults.maybe_kill_during_checkpoint(self.pos.step)
         path = write_checkpoint(self.ckpt_root, self.pos.step, writer, keep=self.recipe.train.keep_checkpoints)
         self._saved_step = self.pos.step
         self.reporter.log(f"checkpoint {path}")
+        for cb in self.callbacks:
+            cb.on_checkpoint(self, path)
         return path
+
+    def _trained_tensors(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().to("cpu").contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def _save_weights(self, folder: Path) -> None:
+        """What a checkpoint holds of the model: the adapter, or (trainable="model") the trained parameters."""
+        if self.trainable == "model":
+            save_file(self._trained_tensors(), str(folder / WEIGHTS))
+        else:
+            save_native(self.model, folder / "adapter", extra={"base_model": self.recipe.model.name})
+
+    def _load_weights(self, ckpt: Path) -> None:
+        if self.trainable == "adapter":
+            load_native(self.model, ckpt / "adapter")
+            return
+        saved = load_file(str(ckpt / WEIGHTS))
+        params = dict(self.model.named_parameters())
+        if set(saved) != set(self._trained_tensors()):
+            raise SlimtuneError(f"--resume {ckpt}: {WEIGHTS} holds other parameters than the model trains")
+        with torch.no_grad():
+            for name, t in saved.items():
+                params[name].copy_(t)
 
     def save_outputs(self) -> dict[str, str]:
         """Native adapter, PEFT adapter and (optionally) the merged model, as the recipe's output asks."""
         out: dict[str, str] = {}
+        if self.recipe.adapter.kind == "full":  # a full run's output is the model itself, as a transformers folder
+            return {"adapter_native": None, "merged": str(save_model_folder(  # type: ignore[dict-item]
+                self.model, self.tokenizer, self.run_dir / "merged", dtype=self.recipe.output.merged_dtype))}
         out["adapter_native"] = str(save_native(self.model, self.run_dir / "adapter_native",
                                                 extra={"base_model": self.recipe.model.name}))
-        if self.recipe.output.export_peft:
-            out["adapter"] = str(export_peft(self.model, self.run_dir / "adapter",
-                                             base_model_name_or_path=self.recipe.model.name))
+        template = getattr(self.tokenizer, "chat_template", None)
+        if isinstance(template, str) and self.recipe.data is not None and self.recipe.data.chat_template:
+            (self.run_dir / "adapter_native" / CHAT_TEMPLATE_FILE).write_text(template, encoding="utf-8")
+        if self.recipe.output.export_peft:  # a base PEFT loads by name; the pkg:/local spec stays in slimtune.json
+            out["adapter"] = str(export_peft(
+                self.model, self.run_dir / "adapter", base_model_name_or_path=peft_base_name(self.recipe.model.name),
+                tokenizer=self.tokenizer, metadata={"base_model": self.recipe.model.name,
+                                                    "chat_template": self.recipe.data.chat_template
+                                                    if self.recipe.data is not None else None}))
         if self.recipe.output.save_merged:
-            from slimtune.train.merge import merge_to_folder
-
             out["merged"] = str(merge_to_folder(self.recipe.model, self.run_dir / "adapter_native",
                                                 self.run_dir / "merged", dtype=self.recipe.output.merged_dtype))
+        gguf = self.recipe.output.gguf
+        if gguf is not None and "adapter" in out:  # llama.cpp / Ollama files, from the PEFT export just written
+            files = export_adapter_gguf(Path(out["adapter"]), self.recipe.model.name, self.run_dir / "gguf",
+                                        name=self.run_dir.name, quant=gguf.quant, lora=gguf.lora, onto=gguf.onto)
+            out.update({k: str(v) for k, v in (("gguf", files.gguf and files.gguf.path), ("gguf_lora", files.lora),
+                                                ("modelfile", files.modelfile)) if v is not None})
         return out
 
     def cleanup(self) -> None:
@@ -390,7 +546,19 @@ class Trainer:
             torch.cuda.empty_cache()
 
 
-def _in_main_thread() -> bool:
-    import threading
+def save_model_folder(model: nn.Module, tokenizer: Any, out_dir: Path, *, dtype: str = "bfloat16") -> Path:
+    """A fully fine-tuned model as a transformers folder (``from_pretrained`` loads it), weights in ``dtype``; the
+    training model itself is left as it is (tied weights stay tied: save_pretrained writes them once)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    make_saveable(model)
+    state = {k: v.detach().to("cpu", DTYPES[dtype]) for k, v in model.state_dict().items()}
+    model.config.use_cache = True
+    model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return out_dir
 
-    return threading.current_thread() is threading.main_thread() and os.environ.get("SLIMTUNE_NO_SIGNALS") != "1"
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()  # signal handlers can only be set there

@@ -12,11 +12,15 @@ from typing import Any
 
 from slimtune.config.recipe import Recipe
 from slimtune.errors import SlimtuneError
+from slimtune.eval.model_eval import evaluate_loaded
+from slimtune.eval.runner import write_report
+from slimtune.train.callbacks import TrainerCallback
+from slimtune.train.distributed import barrier, is_main
+from slimtune.train.evaluation import recipe_callbacks
 from slimtune.train.loop import Trainer
 from slimtune.train.report import Reporter, SilentReporter
 from slimtune.train.stages import (
     StageState,
-    add_holdout_perplexity,
     fingerprint,
     run_arithmetic_stage,
     run_eval_stage,
@@ -29,36 +33,31 @@ from slimtune.train.state import latest_checkpoint
 SUMMARY = "stage_summary.json"
 
 
-def stage_dir(run_dir: Path, name: str, n_stages: int) -> Path:
-    return run_dir if n_stages == 1 else run_dir / "stages" / name
-
-
 def _evaluate(trainer: Trainer, recipe: Recipe, base_dir: Path, label: str) -> dict[str, Any] | None:
     if recipe.eval is None:
         return None
-    from slimtune.eval.runner import run_eval
-
     trainer.reporter.log(f"evaluating ({label})")
-    result = run_eval(trainer.model, trainer.tokenizer, recipe.eval, base_dir=base_dir, label=label,
-                      device=trainer.device)
-    add_holdout_perplexity(result, trainer.model, trainer.tokenizer, getattr(trainer, "data", None), recipe,
-                           trainer.device)
+    result = evaluate_loaded(trainer.model, trainer.tokenizer, recipe.eval, base_dir=base_dir, label=label,
+                             device=trainer.device, data=trainer.data, data_cfg=recipe.data)
     trainer.model.train()
     return result
 
 
 def run_recipe(
     recipe: Recipe, *, base_dir: Path, reporter: Reporter | None = None, resume: bool | Path = False,
-    stop_after: int | None = None,
+    stop_after: int | None = None, callbacks: list[TrainerCallback] | None = None,
 ) -> dict[str, Any]:
-    """Run every stage not yet done. Returns the run summary (also written to ``run_summary.json``)."""
-    reporter = reporter or SilentReporter()
-    if getattr(recipe, "loram", None) is not None:  # prune → align → train on the pruned model → recover → merge
-        from slimtune.loram.pipeline import run_loram
+    """Run every stage not yet done. Returns the run summary (also written to ``run_summary.json``).
 
-        return run_loram(recipe, base_dir=base_dir, reporter=reporter, resume=resume, stop_after=stop_after)
+    ``callbacks`` are given to the trainer of every training stage. A recipe with a ``loram`` block runs through
+    ``slimtune.loram.pipeline.run_loram`` (which calls this for its training stages).
+    """
+    reporter = reporter or SilentReporter()
+    if getattr(recipe, "loram", None) is not None:
+        raise SlimtuneError("a recipe with a loram section runs through slimtune.loram.pipeline.run_loram")
     run_dir = recipe.run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if is_main():  # torchrun: rank 0 alone writes under the run folder
+        run_dir.mkdir(parents=True, exist_ok=True)
     stages = recipe.resolved_stages()
     summaries: list[dict[str, Any]] = []
     evals: dict[str, Any] = {}
@@ -83,6 +82,8 @@ def run_recipe(
             r = r.model_copy(update={"model": state.model_config(r.model)})
             init_adapter = Path(state.adapter)
         done = sdir / SUMMARY
+        if stage.kind != "train" and not is_main():
+            barrier()  # torchrun: rank 0 runs the stage (below) and writes its summary; this rank reads it
         if done.is_file():
             summary = json.loads(done.read_text())
             if summary.get("fingerprint") not in (None, fingerprint(stage, r)):
@@ -92,6 +93,8 @@ def run_recipe(
             summaries.append(summary)
             evals.update(summary.get("eval", {}))
             state = StageState.from_summary(summary, r, sdir)
+            if stage.kind != "train" and is_main():
+                barrier()
             continue
         if stage.kind != "train":
             sdir.mkdir(parents=True, exist_ok=True)
@@ -106,27 +109,27 @@ def run_recipe(
             summary["fingerprint"] = fingerprint(stage, r)
             evals.update(summary["eval"])
             if evals:
-                from slimtune.eval.runner import write_report
-
                 write_report(evals, run_dir)
             done.write_text(json.dumps(summary, indent=2, default=str))
             summaries.append(summary)
+            barrier()  # torchrun: the other ranks read the summary now
             continue
         if not resume and latest_checkpoint(sdir / "checkpoints") is not None:  # never overwrite progress silently
             raise SlimtuneError(
                 f"{sdir / 'checkpoints'} holds checkpoints of an unfinished run: continue it with --resume, or "
-                f"delete {sdir} to start over"
+                f"start over with --restart (the old folder is moved aside)"
             )
         reporter.log(f"stage {stage.name} ({i + 1}/{len(stages)})")
         trainer = Trainer(r, run_dir=sdir, base_dir=base_dir, reporter=reporter, init_adapter=init_adapter,
-                          stage=stage.name)
+                          stage=stage.name,
+                          callbacks=list(callbacks or []) + (recipe_callbacks(r) if is_main() else []))
         trainer.setup()
         resumed = False
         if resume:
             resumed = trainer.resume(None if resume is True else Path(resume))
         stage_evals: dict[str, Any] = {}
         before_file = sdir / "eval_before.json"  # kept so that a resumed stage still reports its "before"
-        if not resumed and trainer.pos.step == 0:
+        if not resumed and trainer.pos.step == 0 and is_main():  # torchrun: rank 0 evaluates
             before = _evaluate(trainer, r, base_dir, f"before {stage.name}" if len(stages) > 1 else "before")
             if before is not None:
                 stage_evals[before["label"]] = before
@@ -138,9 +141,17 @@ def run_recipe(
         summary = trainer.train(stop_after=stop_after)
         if summary["interrupted"]:
             summary["resume_hint"] = "slimtune run RECIPE --resume"
-            (run_dir / "run_summary.json").write_text(json.dumps({"stages": summaries + [summary]}, indent=2))
+            if is_main():
+                (run_dir / "run_summary.json").write_text(json.dumps({"stages": summaries + [summary]}, indent=2))
             trainer.cleanup()
             return {"stages": summaries + [summary], "interrupted": True, "run_dir": str(run_dir)}
+        if not is_main():  # torchrun: rank 0 evaluates, saves the outputs and the stage summary; this rank reads them
+            trainer.cleanup()
+            barrier()
+            summary = json.loads(done.read_text())
+            summaries.append(summary)
+            state = StageState.from_summary(summary, r, sdir)
+            continue
         after = _evaluate(trainer, r, base_dir, f"after {stage.name}" if len(stages) > 1 else "after")
         if after is not None:
             stage_evals[after["label"]] = after
@@ -153,12 +164,12 @@ def run_recipe(
         summary["state"] = state.to_json()
         evals.update(stage_evals)
         if evals:
-            from slimtune.eval.runner import write_report
-
             write_report(evals, run_dir)
         done.write_text(json.dumps(summary, indent=2, default=str))
         summaries.append(summary)
         trainer.cleanup()
+        barrier()  # torchrun: the other ranks read the stage summary now
     result = {"stages": summaries, "interrupted": False, "run_dir": str(run_dir)}
-    (run_dir / "run_summary.json").write_text(json.dumps(result, indent=2, default=str))
+    if is_main():
+        (run_dir / "run_summary.json").write_text(json.dumps(result, indent=2, default=str))
     return result

@@ -23,9 +23,14 @@ from typing import Any
 
 import torch
 
+from slimtune.adapters.arithmetic import apply_task_vector
+from slimtune.adapters.export import load_native
+from slimtune.adapters.inject import merge
 from slimtune.config.recipe import Recipe, StageConfig
 from slimtune.errors import SlimtuneError
-from slimtune.models.load import DTYPES, ModelConfig, QuantConfig
+from slimtune.eval.model_eval import evaluate_model
+from slimtune.models.load import DTYPES, ModelConfig, QuantConfig, load_model, load_tokenizer, resolve_package_path
+from slimtune.train.merge import make_saveable, merge_to_folder
 from slimtune.train.report import Reporter
 
 
@@ -73,49 +78,13 @@ def tokens_per_source(data_stats: dict[str, Any] | None) -> dict[str, int]:
     return {name: int(st.get("tokens", 0)) for name, st in ((data_stats or {}).get("sources") or {}).items()}
 
 
-# ----------------------------------------------------------------------------------------------- evaluation
-def holdout_perplexity(model, tokenizer, data, *, max_seq_len: int, batch_size: int, device) -> dict[str, dict]:
-    """Perplexity on the records ``data.holdout`` kept out of training (format text), one entry per source:
-    {"holdout:<source>": {"ppl", "nll", "tokens"}}."""
-    from slimtune.eval.perplexity import perplexity
-
-    by_source: dict[str, list[str]] = {}
-    for h in getattr(data, "holdout", None) or []:
-        if isinstance(h.get("text"), str) and h["text"].strip():
-            by_source.setdefault(h["source"], []).append(h["text"])
-    return {f"holdout:{src}": perplexity(model, tokenizer, texts, max_seq_len=max_seq_len, batch_size=batch_size,
-                                         device=device)
-            for src, texts in by_source.items()}
-
-
-def add_holdout_perplexity(result: dict, model, tokenizer, data, recipe: Recipe, device) -> dict:
-    """Add the holdout rows to a run_eval result when ``eval.holdout_perplexity`` asks for them."""
-    ev = recipe.eval
-    if ev is None or not getattr(ev, "holdout_perplexity", False) or data is None:
-        return result
-    max_len = min(recipe.data.max_seq_len if recipe.data is not None else 1024, 1024)
-    for name, r in holdout_perplexity(model, tokenizer, data, max_seq_len=max(max_len, 2),
-                                      batch_size=ev.batch_size, device=device).items():
-        result["perplexity"][name] = r
-        result["metrics"][f"perplexity/{name}"] = r["ppl"]
-    return result
-
-
 def _evaluate_loaded(model_cfg: ModelConfig, adapter: str | None, r: Recipe, base_dir: Path, label: str,
                      reporter: Reporter) -> dict | None:
     if r.eval is None:
         return None
-    from slimtune.adapters.export import load_native
-    from slimtune.eval.runner import run_eval
-    from slimtune.models.load import load_model
-
-    reporter.log(f"evaluating {model_cfg.name}" + (f" + {adapter}" if adapter else "") + f" ({label})")
-    loaded = load_model(model_cfg, r.quant, device=r.train.device)
-    if adapter:
-        load_native(loaded.model, Path(adapter))
-    result = run_eval(loaded.model, loaded.tokenizer, r.eval, base_dir=base_dir, label=label, device=loaded.device)
-    del loaded
-    return result
+    return evaluate_model(model_cfg, r.quant, r.eval, base_dir=base_dir, label=label, device=r.train.device,
+                          adapter=Path(adapter) if adapter else None, data=r.data, seed=r.train.seed,
+                          log=reporter.log)
 
 
 def _summary(stage: StageConfig, state: StageState, evals: dict, outputs: dict[str, str]) -> dict[str, Any]:
@@ -128,8 +97,6 @@ def _summary(stage: StageConfig, state: StageState, evals: dict, outputs: dict[s
 def run_merge_stage(stage: StageConfig, r: Recipe, state: StageState, sdir: Path, base_dir: Path,
                     reporter: Reporter) -> tuple[dict[str, Any], StageState]:
     """Merge the current adapter into its base, full precision, into ``sdir/merged``."""
-    from slimtune.train.merge import merge_to_folder
-
     if not state.adapter:
         raise SlimtuneError(f"stages.{stage.name}: nothing to merge (no earlier stage trained an adapter)")
     model_cfg = state.model_config(r.model)
@@ -170,8 +137,6 @@ def _weights(name: str, cache: dict[str, Any]):
     (GGUF, pkg:, folders without safetensors) the model loaded on CPU in fp32."""
     if name in cache:
         return cache[name]
-    from slimtune.models.load import load_model, resolve_package_path
-
     path = Path(resolve_package_path(name)).expanduser()
     src: Any = None
     if path.is_dir() and any(path.glob("*.safetensors")):
@@ -193,12 +158,6 @@ def _weights(name: str, cache: dict[str, Any]):
 def run_arithmetic_stage(stage: StageConfig, r: Recipe, base_model: ModelConfig, state: StageState, sdir: Path,
                          base_dir: Path, reporter: Reporter) -> tuple[dict[str, Any], StageState]:
     """θ = θ_prev + λ·(θ_instruct − θ_base) → ``sdir/merged`` (+ slimtune_arithmetic.json), then evaluated."""
-    from slimtune.adapters.arithmetic import apply_task_vector
-    from slimtune.adapters.export import load_native
-    from slimtune.adapters.inject import merge
-    from slimtune.models.load import load_model, load_tokenizer
-    from slimtune.train.merge import make_saveable
-
     spec = stage.arithmetic
     assert spec is not None
     base_name = spec.base or base_model.name

@@ -20,27 +20,12 @@ import numpy as np
 import torch
 
 from slimtune.errors import RecipeError
+from slimtune.io import atomic_dir, fsync_dir
 
 COMPLETE = "COMPLETE"
 # Recipe keys whose change makes a resume inexact (the data order, the batch, the adapter or the model change).
 RESUME_KEYS = ("model", "quant", "adapter", "data", "train.micro_batch", "train.grad_accum", "train.seed",
                "train.steps", "train.epochs", "train.optimizer", "train.lr", "train.schedule", "train.warmup")
-
-
-def _fsync_tree(path: Path) -> None:
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def rng_state() -> dict[str, Any]:
@@ -68,21 +53,16 @@ def write_checkpoint(ckpt_root: Path, step: int, writer, *, keep: int) -> Path:
     """Call ``writer(tmp_dir)`` to fill a temporary folder, then make it the checkpoint of ``step`` atomically."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step:08d}"
-    tmp = ckpt_root / f".tmp-step-{step:08d}-{os.getpid()}"
     for stale in ckpt_root.iterdir():  # leftovers of a crash (one writer per run folder): garbage, not progress
         if stale.is_dir() and (stale.name.startswith(".tmp-") or not (stale / COMPLETE).is_file()):
             shutil.rmtree(stale, ignore_errors=True)
-    tmp.mkdir()
-    writer(tmp)
-    (tmp / COMPLETE).write_text(json.dumps({"step": step}))
-    _fsync_tree(tmp)
-    if final.exists():  # re-saving the same step (e.g. final save after a periodic one)
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync_dir(ckpt_root)
+    # re-saving the same step (e.g. the final save after a periodic one) replaces it
+    with atomic_dir(final, tmp=ckpt_root / f".tmp-step-{step:08d}-{os.getpid()}", fsync=True) as tmp:
+        writer(tmp)
+        (tmp / COMPLETE).write_text(json.dumps({"step": step}))  # last: a folder without it is half-written
     for old in list_checkpoints(ckpt_root)[:-keep]:
         (old / COMPLETE).unlink()  # first, so a crash mid-delete leaves an ignored folder, never a broken checkpoint
-        _fsync_dir(old)
+        fsync_dir(old)
         shutil.rmtree(old, ignore_errors=True)
     return final
 

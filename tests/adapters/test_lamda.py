@@ -224,3 +224,28 @@ def test_lamda_pp_flatter_spectrum_gets_higher_rank(tmp_path):
     peft_model = PeftModel.from_pretrained(spectral_model(), str(tmp_path / "peft")).eval()
     with torch.no_grad():
         torch.testing.assert_close(peft_model(ids).logits, ours, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["lamda", "lamda_pp"])
+def test_load_never_recomputes_the_spectrum(kind, tmp_path, monkeypatch):
+    """The saved A is the SVD's result (and LaMDA++'s ranks are saved facts): a load must not run an SVD."""
+    model = make_model()
+    extra = {"rank": 16, "r_min": 8, "r_max": 40} if kind == "lamda_pp" else {}
+    adapters = inject(model, cfg(kind, targets=["q_proj", "o_proj"], **extra))
+    with torch.no_grad():
+        for a in adapters.values():
+            a.lora_B.normal_(0, 0.05)
+    ids = torch.randint(0, 300, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(ids).logits
+    save_native(model, tmp_path / "native")
+
+    def no_svd(*a, **k):
+        raise AssertionError("an SVD ran during a load")
+
+    for fn in ("svd", "svdvals", "qr"):
+        monkeypatch.setattr(torch.linalg, fn, no_svd)
+    fresh = make_model()
+    load_native(fresh, tmp_path / "native")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, ours, rtol=1e-5, atol=1e-5)

@@ -1,7 +1,6 @@
 """SLoRA / NLoRA / IntTune: the formula, the Nyström init with a residual base, exports relative to the original."""
 
 import json
-import logging
 
 import pytest
 import torch
@@ -49,7 +48,7 @@ def test_nlora_nystrom_init_and_residual_base():
     model = make_model()
     w = {n: dense_weight(m).clone() for n, m in model.named_modules() if n.endswith("_proj")}
     ref = logits(model, IDS)
-    adapters = inject(model, cfg("nlora"))
+    adapters = inject(model, cfg("nlora", balance=False, residual="base"))  # raw Nyström factors (balance: test_nlora_lr.py)
     for name in (Q, DOWN):
         a, w0 = adapters[name], w[name]
         assert torch.equal(a.lora_B, w0[:, :8]) and torch.equal(a.lora_A, w0[:8, :])
@@ -65,20 +64,21 @@ def test_nlora_nystrom_init_and_residual_base():
             torch.testing.assert_close(m.weight, w[name], atol=4e-6, rtol=0)  # unload adds the residual back (W - sBNA + sBNA: fp32 rounding of the product, ~1e-6)
 
 
-def test_nlora_nf4_base_is_requantized_and_says_so(caplog):
-    model = make_model("nf4")
+@pytest.mark.parametrize("quant, dtype", [("nf4", None), ("none", torch.bfloat16)])
+def test_residual_base_is_refused_on_lossy_bases(quant, dtype):
+    """W − s·B₀N₀A₀ re-rounded to 4 or 16 bits moves the start far off (the Nyström term is 3-25x W): refused with a
+    one-line reason; the default (residual: adapter) is exact there."""
+    model = make_model(quant)
+    if dtype is not None:
+        model = model.to(dtype)
+    for kind in ("nlora", "inttune"):
+        with pytest.raises(ValueError, match="residual: base needs an fp32 base") as e:
+            inject(make_model(quant).to(dtype) if dtype else make_model(quant), cfg(kind, residual="base"))
+        assert "\n" not in str(e.value)
+    assert get_adapter_class("nlora").Config(kind="nlora", rank=8).residual == "adapter"
     ref = logits(model, IDS)
-    w_q = dense_weight(model.get_submodule(Q)).clone()
-    with caplog.at_level(logging.INFO):
-        adapters = inject(model, cfg("nlora"))
-    assert "re-quantized" in caplog.text
-    assert adapters[Q].base_layer.weight.quant_state is not None  # still 4-bit
-    assert torch.isfinite(logits(model, IDS)).all() and not torch.equal(logits(model, IDS), ref)
-    # The start differs from the NF4 base by one NF4 rounding of W_res = W − s·B N A: at most ~0.14 × the block
-    # absmax per element. (With a poor Nyström approximation |W_res| can exceed |W| by far: so can that error.)
-    a = adapters[Q]
-    err = (a.merged_weight() - w_q).abs().max()
-    assert 0 < err <= 0.15 * dense_weight(a.base_layer).abs().max()
+    inject(model, cfg("nlora"))
+    assert torch.equal(logits(model, IDS), ref)
 
 
 def test_nlora_as_released():
@@ -185,3 +185,47 @@ def test_residual_in_adapter_is_exact_on_nf4(kind, tmp_path):
 def test_nystrom_rank_must_fit():
     with pytest.raises(ValueError, match="rank"):
         inject(make_model(), cfg("nlora", rank=40, targets=["k_proj"]))  # k_proj is (32, 64)
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_nlora_peft_export_is_exact_against_float64(quant):
+    """The rank-2r PEFT export, evaluated the way PEFT does (fp32: (x Aᵀ) Bᵀ), against the float64 update."""
+    model = make_model(quant)
+    a = inject(model, cfg("nlora", balance=False))[DOWN]  # unbalanced factors: the largest cancellation
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in (a.lora_A, a.lora_N, a.lora_B):
+            p.add_(torch.randn(p.shape, generator=g) * 1e-3 * p.abs().mean())
+    x = torch.randn(16, a.in_features, generator=g)
+    A, N, B = (t.detach().double() for t in (a.lora_A, a.lora_N, a.lora_B))
+    A0, N0, B0 = (t.double() for t in (a.nlora_A0, a.nlora_N0, a.nlora_B0))
+    want = x.double() @ (a.scale * (B @ N @ A - B0 @ N0 @ A0)).t()  # (16, out) float64
+    f = a.peft_factors()
+    got = (x @ f.A.t()) @ f.B.t()  # PEFT's fp32 path
+    rel = float((got.double() - want).abs().max() / want.abs().max())
+    naive_b = torch.cat([a.scale * (a.lora_B @ a.lora_N), -a.scale * (a.nlora_B0 @ a.nlora_N0)], dim=1).detach()
+    naive = (x @ torch.cat([a.lora_A, a.nlora_A0]).detach().t()) @ naive_b.t()  # the old [sBN, −sB₀N₀]·[A; A₀]
+    naive_rel = float((naive.double() - want).abs().max() / want.abs().max())
+    assert rel < 1e-5 and rel < naive_rel / 10, (rel, naive_rel)
+
+
+@pytest.mark.parametrize("kind, extra", [("nlora", {"residual": "base"}), ("nlora", {}), ("inttune", {})])
+def test_load_never_reruns_the_nystrom_init(kind, extra, tmp_path, monkeypatch):
+    from slimtune.adapters import slora
+    from slimtune.adapters.export import load_native, save_native
+
+    model = make_model()
+    adapters = inject(model, cfg(kind, **extra))
+    with torch.no_grad():
+        for ad in adapters.values():
+            ad.lora_N.add_(0.01)
+    ours = logits(model, IDS)
+    save_native(model, tmp_path / "native")
+
+    def no_init(*a, **k):
+        raise AssertionError("the Nyström init ran during a load")
+
+    monkeypatch.setattr(slora, "nystrom_factors", no_init)
+    fresh = make_model()
+    load_native(fresh, tmp_path / "native")
+    torch.testing.assert_close(logits(fresh, IDS), ours, rtol=1e-5, atol=1e-5)

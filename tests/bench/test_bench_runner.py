@@ -168,7 +168,7 @@ def test_estimate_maps_recipe_details(tmp_path):
 
     path = _recipe(tmp_path, adapter={"kind": "lamda_pp", "rank": 8, "targets": ["q_proj", "re:.*mlp\\.down_proj"]})
     (name, est), = estimate_recipe_stages(load_recipe(path, ["quant.compute_dtype=float32", "train.fused=false"]))
-    assert est.inputs["targets"] == ["q_proj", "down_proj"] and est.inputs["kind"] == "lamda"
+    assert est.inputs["targets"] == ["q_proj", "down_proj"] and est.inputs["kind"] == "lamda_pp"  # injected as is
     assert est.inputs["compute_dtype"] == "float32" and est.inputs["fused"] is False
     assert any("lamda_pp" in n for n in est.notes)
     path = _recipe(tmp_path, adapter={"kind": "lora", "rank": 8, "modules_to_save": ["lm_head"]})

@@ -10,13 +10,13 @@ import torch
 
 from slimtune.bench.configs import (
     BUILTIN_CONFIGS,
-    PROJECTIONS,
     builtin_config_dict,
     known_model_names,
     parameter_counts,
     resolve_model_config,
 )
 from slimtune.errors import ModelError, SlimtuneError
+from slimtune.models.arch import spec_for
 
 
 def _meta_model(cfg):
@@ -33,15 +33,16 @@ def test_parameter_counts_exact_against_meta_model(name):
     counts = parameter_counts(cfg)
     assert counts["total"] == sum(p.numel() for p in model.parameters())  # tied weights counted once
 
+    spec = spec_for(cfg)
     named = dict(model.named_parameters())
-    assert counts["embed_tokens"] == named["model.embed_tokens.weight"].numel()
+    assert counts["embed_tokens"] == named[f"{spec.embed}.weight"].numel()
     lm_head = 0 if cfg.tie_word_embeddings else named["lm_head.weight"].numel()
     assert counts["lm_head"] == lm_head
-    assert counts["final_norm"] == named["model.norm.weight"].numel()
-    layer = model.model.layers[0]
+    assert counts["final_norm"] == named[f"{spec.final_norm}.weight"].numel()
+    layer = spec.decoder_layers(model)[0]
     modules = dict(layer.named_modules())
-    for proj in PROJECTIONS:
-        owner = modules[f"self_attn.{proj}"] if proj in PROJECTIONS[:4] else modules[f"mlp.{proj}"]
+    for proj in spec.proj_names:
+        owner = modules[spec.block_of(proj)]
         assert counts["per_layer"][proj] == sum(p.numel() for p in owner.parameters()), proj
     assert counts["per_layer_total"] == sum(p.numel() for p in layer.parameters())
     assert counts["linear_weights"] == sum(
@@ -55,6 +56,9 @@ def test_published_sizes():
     assert parameter_counts(resolve_model_config("Qwen/Qwen2.5-0.5B"))["total"] == 494_032_768
     assert parameter_counts(resolve_model_config("Qwen/Qwen2.5-7B-Instruct"))["total"] == 7_615_616_512
     assert parameter_counts(resolve_model_config("HuggingFaceTB/SmolLM2-135M"))["total"] == 134_515_008
+    assert parameter_counts(resolve_model_config("Qwen/Qwen3-8B"))["total"] == 8_190_735_360
+    assert parameter_counts(resolve_model_config("google/gemma-2-2b"))["total"] == 2_614_341_888
+    assert parameter_counts(resolve_model_config("microsoft/Phi-3-mini-4k-instruct"))["total"] == 3_821_079_552
 
 
 def test_builtin_values():
@@ -115,10 +119,15 @@ def test_local_folder_and_json(tmp_path):
         resolve_model_config(tmp_path / "weights.bin")
 
 
-def _write_gguf(path, *, arch="qwen2", tied=True):
+def _write_gguf(path, *, arch="qwen2", tied=True, extra=None):
     import gguf
 
     w = gguf.GGUFWriter(str(path), arch)
+    for key, value in (extra or {}).items():
+        if isinstance(value, float):
+            w.add_float32(f"{arch}.{key}", value)
+        else:
+            w.add_uint32(f"{arch}.{key}", value)
     w.add_block_count(3)
     w.add_context_length(4096)
     w.add_embedding_length(128)
@@ -155,6 +164,16 @@ def test_gguf_metadata(tmp_path):
     _write_gguf(folder / "m.gguf", arch="llama", tied=False)
     cfg2 = resolve_model_config(folder)  # a folder with one .gguf and no config.json
     assert cfg2.model_type == "llama" and cfg2.tie_word_embeddings is False
+
+    # every family's llama.cpp name maps back (ArchSpec.gguf_arch), with Gemma's extras
+    gemma = tmp_path / "gemma.gguf"
+    _write_gguf(gemma, arch="gemma2", extra={"attention.sliding_window": 64, "attn_logit_softcapping": 50.0,
+                                               "final_logit_softcapping": 30.0})
+    cfg3 = resolve_model_config(gemma)
+    assert cfg3.model_type == "gemma2" and cfg3.sliding_window == 64
+    assert (cfg3.attn_logit_softcapping, cfg3.final_logit_softcapping) == (50.0, 30.0)
+    _write_gguf(tmp_path / "phi.gguf", arch="phi3")
+    assert resolve_model_config(tmp_path / "phi.gguf").model_type == "phi3"
 
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"not a gguf file at all")

@@ -89,7 +89,9 @@ def test_adapter_state_exact():
     dora = estimate(cfg, rank=8, kind="dora", targets="q_proj,o_proj")
     assert dora.adapter_params == 2 * (8 * 256 + 128 + 8 * 256 + 128)
     lamda = estimate(cfg, rank=8, kind="lamda", targets=["q_proj"])
-    assert lamda.adapter_params == 2 * (64 + 128 * 8) and lamda.adapter_frozen_params == 2 * 8 * 128
+    # what LaMDA really holds (read from the injected adapters): S and B train; A is frozen, and B's frozen
+    # columns live in a second (out, r) buffer
+    assert lamda.adapter_params == 2 * (64 + 128 * 8) and lamda.adapter_frozen_params == 2 * (8 * 128 + 128 * 8)
     assert lamda.adapter_param_bytes == 4 * (lamda.adapter_params + lamda.adapter_frozen_params)
     assert lamda.adapter_grad_bytes == 4 * lamda.adapter_params
     explicit = estimate(cfg, adapter_params=lambda c: 1000 * c.num_hidden_layers)
@@ -101,7 +103,8 @@ def test_input_validation():
     assert normalize_targets("all-linear") == normalize_targets(None)
     assert adapted_layers(32, {"first": 10, "last": 2}) == tuple(range(10)) + (30, 31)
     for bad in (dict(quant="int8"), dict(optimizer="sgd"), dict(grad_checkpointing="some"), dict(seq_len=0),
-                dict(targets=["qkv"]), dict(compute_dtype="int4"), dict(layers=[5])):
+                dict(targets=["qkv"]), dict(compute_dtype="int4"), dict(layers=[5]), dict(kind="nope"),
+                dict(kind="full", quant="none")):
         with pytest.raises(SlimtuneError):
             estimate(cfg, **bad)
 

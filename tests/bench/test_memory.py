@@ -1,5 +1,6 @@
 """saved_bytes on cases whose saved tensors are known exactly."""
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -84,3 +85,64 @@ def test_saved_bytes_bench_meets_target():
     hq, hkv = H, H // heads * kv
     bound = 2 * (2 * H + 2 * inter + 2 * hq + 2 * hkv + 7 * r) + 4 * heads + 2 * 4
     assert out["slimtune"]["bytes_per_token_per_layer"] <= bound
+
+
+# --------------------------------------------------------------------------------------------- held state vs estimate
+
+_SETTINGS = {
+    "defaults": {},
+    "nf4 lm_head": {"quantize_lm_head": True},
+    "embeddings on cpu": {"embeddings_on": "cpu"},
+    "8-bit AdamW": {"optimizer": "adamw8bit"},
+    "bf16 adapters": {"adapter_dtype": "bfloat16"},
+    "floor": {"quantize_lm_head": True, "embeddings_on": "cpu", "optimizer": "adamw8bit",
+              "adapter_dtype": "bfloat16", "optimizer_on": "cpu"},
+}
+
+
+@pytest.mark.parametrize("name", list(_SETTINGS))
+def test_held_state_matches_the_estimate_within_5_percent(name):
+    """What the model, its adapters and the optimizer really hold after a step (storage accounting, by component,
+    on the device and in host memory) against the estimator's terms for the same settings."""
+    import transformers
+
+    from slimtune.adapters.base import cast_trainable
+    from slimtune.adapters.inject import inject
+    from slimtune.adapters.lora import LoRAConfig
+    from slimtune.bench.estimate import estimate
+    from slimtune.bench.memory import held_bytes
+    from slimtune.config.recipe import TrainConfig
+    from slimtune.models.embeddings import embeddings_to_host
+    from slimtune.models.load import QuantConfig, prepare_loaded
+    from slimtune.models.tiny import tiny_llama_config
+    from slimtune.train.optim import build_optimizer
+
+    s = _SETTINGS[name]
+    # every LoRA factor >= 4,096 values (bitsandbytes keeps smaller ones in 32-bit state; the estimator knows)
+    cfg = tiny_llama_config(vocab_size=1024, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    q = QuantConfig(mode="nf4", compute_dtype="bfloat16", quantize_lm_head=s.get("quantize_lm_head", False))
+    model = prepare_loaded(transformers.LlamaForCausalLM(cfg), None, q, device=torch.device("cpu"),
+                           source="tiny").model
+    adapters = inject(model, LoRAConfig(rank=16))
+    train = TrainConfig(**{k: v for k, v in s.items() if k != "quantize_lm_head"})
+    if train.adapter_dtype != "float32":
+        cast_trainable(adapters, torch.bfloat16)
+    if train.embeddings_on == "cpu":
+        embeddings_to_host(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = build_optimizer(params, train)
+    for p in params:
+        p.grad = torch.full_like(p, 1e-3)
+    opt.step()
+    held = held_bytes(model, opt)
+    est = estimate(cfg, quant="nf4", compute_dtype="bfloat16", rank=16, **s)
+    comp = est.components()
+    host = {"host_weights_embed": est.host_bytes.get("embedding table (pinned)", 0),
+            "host_optimizer": est.host_bytes.get("optimizer: fp32 masters + state", 0)}
+    for key in ("weights_linear", "weights_embed", "weights_other", "adapter_params", "adapter_grads", "optimizer",
+                "host_weights_embed", "host_optimizer"):
+        want = comp[key] if key in comp else host[key]
+        got = held.get(key, 0)
+        assert abs(want - got) <= 0.05 * max(got, 1), (name, key, want, got)

@@ -151,10 +151,11 @@ def test_glob_and_file_level_errors(tmp_path):
         _records("parts/*.jsonl", tmp_path)
     with pytest.raises(DataError, match="missing.jsonl: no such file"):
         _build(tmp_path, path="missing.jsonl")
-    (tmp_path / "x.csv").write_text("a,b\n")
-    with pytest.raises(DataError, match=r"x.csv: unknown file type '.csv'"):
-        _records("x.csv", tmp_path)
-    assert _records("x.csv", tmp_path, file_format="txt") == [(f"{tmp_path / 'x.csv'}:1", "a,b")]
+    (tmp_path / "x.xml").write_text("a,b\n")
+    with pytest.raises(DataError, match=r"x.xml: unknown file type '.xml'"):
+        _records("x.xml", tmp_path)
+    assert _records("x.xml", tmp_path, file_format="txt") == [(f"{tmp_path / 'x.xml'}:1", "a,b")]
+    assert _records("x.xml", tmp_path, file_format="csv") == []  # a header only
 
 
 # -------------------------------------------------------------------------------------------------------- parquet
@@ -186,15 +187,17 @@ def test_parquet_reader_and_row_errors(tmp_path):
 def test_hub_source_uses_load_dataset(tmp_path, monkeypatch):
     calls = []
 
-    def load_dataset(name, subset=None, split=None):
-        calls.append((name, subset, split))
+    def load_dataset(name, subset=None, split=None, **kw):
+        calls.append((name, subset, split, kw))
         if name == "missing/ds":
             raise FileNotFoundError("Couldn't find dataset\nmissing/ds on the Hub")
         return [{"content": t} for t in TEXTS[:4]] + [{"other": 1}]
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     recs = _records("hub:wiki/sc", tmp_path, subset="sc", split="train")
-    assert calls == [("wiki/sc", "sc", "train")]
+    assert calls == [("wiki/sc", "sc", "train", {})]
+    _records("hub:wiki/sc", tmp_path, subset="sc", revision="v2", streaming=True)
+    assert calls[-1] == ("wiki/sc", "sc", "train", {"revision": "v2", "streaming": True})
     assert recs[0][0] == "hub:wiki/sc/sc[train]:row 0"
     data = _build(tmp_path, path="hub:wiki/sc", text_field="content", on_error="skip")
     assert data.stats["sources"]["wiki/sc"]["records"] == 4 and data.stats["skipped_records"] == 1

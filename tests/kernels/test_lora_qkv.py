@@ -1,4 +1,4 @@
-"""Fused q/k/v projections (kernels/lora_qkv.py): the Function vs float64 autograd of the formula (every gradient)
+"""Fused q/k/v projections (ops/lora_qkv.py on each backend's primitives): the Function vs float64 autograd of the formula (every gradient)
 and X saved once."""
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def check(q, k, v, dtype, backend, seed=0):
     assert all(e < TOL[dtype] for e in errs.values()), errs
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "dequant", "triton"])
 def test_mixed_projections_fp32(backend):
     q = proj("nf4dq", Q_OUT, 1, M=True, bias=True)
     k = proj("dense", KV_OUT, 2, lora=False, bias=True)  # no adapter on k (PEFT's default q,v targets)
@@ -54,12 +54,13 @@ def test_nf4_fp16():
 
 
 @pytest.mark.gpu
-def test_nf4_bf16_gpu():
+@pytest.mark.parametrize("backend", ["triton", "dequant"])
+def test_nf4_bf16_gpu(backend):
     q, k, v = proj("nf4dq", Q_OUT, 9, dora=True), proj("nf4dq", KV_OUT, 10), proj("nf4dq", KV_OUT, 11, M=True)
-    check(q, k, v, torch.bfloat16, "triton", seed=12)
+    check(q, k, v, torch.bfloat16, backend, seed=12)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "dequant", "triton"])
 def test_saves_x_once(backend):
     q, k, v = proj("nf4dq", Q_OUT, 13), proj("nf4dq", KV_OUT, 14, lora=False), proj("nf4dq", KV_OUT, 15)
     x = torch.randn(2, 19, HID, device=DEVICE, requires_grad=True)  # (batch, seq, hidden): 38 tokens

@@ -1,5 +1,6 @@
-"""QLoRA linear (kernels/qlora_linear.py): launchers vs the torch pieces, the Function vs float64 autograd of the
-naive formula (every gradient), frozen factors, and what the Function saves for backward."""
+"""QLoRA linear (ops/lora_linear.py's Function on the torch, dequant and triton primitives): each backend's
+primitives vs the torch ones, the Function vs float64 autograd of the naive formula (every gradient), frozen
+factors, the per-step DoRA norm cache, and what the Function saves for backward."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from slimtune.errors import ModelError
 from slimtune.ops.lora_linear import LoRAProjection, lora_linear, lora_linear_reference, lora_projection
 from slimtune.ops.nf4 import quantize_4bit
 
-from kernel_helpers import DEVICE, TOL, R, rel
+from kernel_helpers import DEVICE, INTERPRET, TOL, R, rel
 
 ql = importlib.import_module("slimtune.kernels.qlora_linear")
 ref = importlib.import_module("slimtune.ops.lora_linear")  # the module (slimtune.ops re-exports the function)
+dq = importlib.import_module("slimtune.ops.gemm_dequant")
+BACKENDS = ["torch", "dequant", "triton"]
 
 T, IN, OUT = 37, 200, 136
 
@@ -90,7 +93,7 @@ def small_blocks(monkeypatch):
 # ------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "kind,variant",
     [
@@ -124,13 +127,14 @@ def test_matches_float64_autograd_fp16(kind, variant):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "dequant"])
 @pytest.mark.parametrize("kind", ["nf4dq", "dense"])
-def test_matches_float64_autograd_bf16_gpu(kind):
+def test_matches_float64_autograd_bf16_gpu(kind, backend):
     base = make_base(kind, seed=9)
     if kind == "dense":
         base = base.bfloat16()
     proj = make_proj(base, seed=10, M=True, dora=True, dtype=torch.bfloat16)
-    check_against_float64(proj, torch.bfloat16, "triton", seed=11)
+    check_against_float64(proj, torch.bfloat16, backend, seed=11)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -140,8 +144,10 @@ def _poisoned(*shape, dtype=torch.float32):
     return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
 
 
+@pytest.mark.parametrize("backend", ["triton", "dequant"])
 @pytest.mark.parametrize("kind", ["nf4dq", "dense_t"])
-def test_launchers_match_torch_pieces(kind, small_blocks):
+def test_primitives_match_torch_pieces(kind, backend, small_blocks):
+    ql = ref.backend_ops(backend)
     base = make_base(kind, seed=12)
     g = torch.Generator().manual_seed(13)
     rnd = lambda *s: torch.randn(*s, generator=g).to(DEVICE)  # noqa: E731
@@ -173,9 +179,45 @@ def test_dora_norm_without_materialising_w():
     proj = make_proj(base, seed=15, M=True, dora=True)
     want = ref.dora_weight_norm(base.dequantize(torch.float64), proj.lora_A.double(), proj.lora_B.double(),
                                 proj.scale, proj.lora_M.double())  # fmt: skip
-    for backend in ("torch", "triton"):
-        got = ql.dora_norm(ql.backend_ops(backend), proj, proj.lora_A, proj.lora_B, proj.lora_M)
+    for backend in BACKENDS:
+        got = ref.dora_norm(ref.backend_ops(backend), proj, proj.lora_A, proj.lora_B, proj.lora_M)
         assert rel(got, want) < 1e-5
+
+
+def test_dora_norm_is_cached_until_an_optimizer_step(monkeypatch):
+    proj = make_proj(make_base("nf4dq", seed=40), seed=41, M=True, dora=True)
+    ops = ref.backend_ops("dequant")
+    calls = []
+    counting = type(ops)(**vars(ops))
+    counting.base_matmul = lambda *a, **k: calls.append(1) or ops.base_matmul(*a, **k)
+    n1 = ref.dora_norm(counting, proj, proj.lora_A, proj.lora_B, proj.lora_M)
+    n2 = ref.dora_norm(counting, proj, proj.lora_A, proj.lora_B, proj.lora_M)  # same step (e.g. a recompute)
+    assert len(calls) == 1 and n2 is n1
+    with torch.no_grad():
+        proj.lora_B.add_(0.05)  # what optimizer.step() does: in place, bumps the version counter
+    n3 = ref.dora_norm(counting, proj, proj.lora_A, proj.lora_B, proj.lora_M)
+    assert len(calls) == 2
+    want = ref.dora_weight_norm(make_base("nf4dq", seed=40).dequantize(torch.float64), proj.lora_A.double(),
+                                proj.lora_B.double(), proj.scale, proj.lora_M.double())  # fmt: skip
+    assert rel(n3, want) < 1e-5 and rel(n1, want) > 1e-3
+
+
+@pytest.mark.parametrize("backend", ["dequant", "torch"])
+def test_aligned_rows_bitsandbytes_dequant_and_buffer_reuse(backend):
+    # in_features % 64 == 0: the dequant backend writes bitsandbytes' dequantization into its reused buffer
+    dq.release_buffers()
+    projs = [make_proj(make_base("nf4dq", seed=50 + i, out_f=OUT, in_f=192), seed=60 + i, dora=i == 1, bias=True)
+             for i in range(2)]  # fmt: skip
+    g = torch.Generator().manual_seed(70)
+    for proj in projs:
+        x = torch.randn(T, 192, generator=g).to(DEVICE).requires_grad_()
+        dy = torch.randn(T, OUT, generator=g).to(DEVICE)
+        y, grads = run(lambda x, p: lora_projection(x, p, backend=backend), x, proj, dy)
+        y64, grads64 = run(lambda x, p: lora_linear_reference(x, p, dtype=torch.float64), x, proj, dy)
+        errs = {"y": rel(y, y64)} | {k: rel(grads[k], grads64[k]) for k in grads64}
+        assert all(e < TOL[torch.float32] for e in errs.values()), errs
+    if backend == "dequant":
+        assert dq.buffer_bytes() == OUT * 192 * 4  # one buffer, shared by both layers
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -199,7 +241,7 @@ def _activation_bytes(saved, params):
     return sum(t.numel() * t.element_size() for t in saved if t.data_ptr() not in ptrs)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_saves_only_x_and_xa(backend):
     base = make_base("nf4dq", seed=16)
     proj = make_proj(base, seed=17, dora=True)
@@ -211,7 +253,7 @@ def test_saves_only_x_and_xa(backend):
     assert proj.lora_A.grad is not None and proj.magnitude.grad is not None
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_frozen_factors_get_no_grad_and_x_is_not_saved(backend):
     # LaMDA after B is frozen / IntTune: only the r×r middle matrix trains -> X is not needed for backward.
     base = make_base("nf4", seed=18)
@@ -224,7 +266,7 @@ def test_frozen_factors_get_no_grad_and_x_is_not_saved(backend):
     assert proj.lora_A.grad is None and proj.lora_B.grad is None and proj.lora_M.grad is not None
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_lora_dropout_mask_is_regenerated_in_backward(backend):
     p_drop = 0.3
     proj = dataclasses.replace(make_proj(make_base("nf4dq", seed=30), seed=31, M=True, dora=True), dropout=p_drop)
@@ -234,7 +276,7 @@ def test_lora_dropout_mask_is_regenerated_in_backward(backend):
     torch.manual_seed(33)
     y, grads = run(lambda x, p: lora_projection(x, p, backend=backend), x, proj, dy)
     torch.manual_seed(33)  # the op draws its mask seed from torch's default generator
-    mask = ref.dropout_mask((T, IN), p_drop, ql.dropout_seed(proj), device=x.device, dtype=x.dtype)
+    mask = ref.dropout_mask((T, IN), p_drop, ref.dropout_seed(proj), device=x.device, dtype=x.dtype)
     assert 0.2 < (mask == 0).float().mean() < 0.4
     y64, grads64 = run(
         lambda x, p: lora_linear_reference(x, p, dtype=torch.float64, lora_input=x * mask), x, proj, dy
@@ -262,3 +304,38 @@ def test_shape_errors_are_one_line():
         LoRAProjection(base=base, lora_A=torch.zeros(R, IN + 1), lora_B=torch.zeros(OUT, R))
     with pytest.raises(ModelError):
         LoRAProjection(base=base, lora_A=torch.zeros(R, IN))
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the Triton writer runs under TRITON_INTERPRET=1 on CPU")
+def test_dequant_backend_triton_writer_without_bitsandbytes(monkeypatch):
+    # a GPU without bitsandbytes: the buffer is written by the Triton dequant kernel (forced here on CPU)
+    monkeypatch.setattr(dq, "_writer", lambda base, dtype: "triton")
+    proj = make_proj(make_base("nf4dq", seed=80), seed=81, dora=True, bias=True)
+    check_against_float64(proj, torch.float32, "dequant", seed=82)
+
+
+PRECISION = """
+import torch
+from slimtune.kernels.qlora_linear import _dot_precision
+seen = [_dot_precision()]
+torch.backends.cuda.matmul.allow_tf32 = True  # the legacy API
+seen.append(_dot_precision())
+torch.set_float32_matmul_precision("highest")
+seen.append(_dot_precision())
+torch.set_float32_matmul_precision("high")
+seen.append(_dot_precision())
+torch.backends.cuda.matmul.fp32_precision = "ieee"  # the new one: the legacy reads raise from here on
+seen.append(_dot_precision())
+torch.backends.cuda.matmul.fp32_precision = "tf32"
+seen.append(_dot_precision())
+print(",".join(seen))
+"""
+
+
+def test_dot_precision_reads_either_api():
+    import subprocess
+    import sys
+
+    # a subprocess: once the new API is used, torch.get_float32_matmul_precision() raises for the whole process
+    r = subprocess.run([sys.executable, "-c", PRECISION], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.split()[-1] == "ieee,tf32,ieee,tf32,ieee,tf32", r.stderr[-1500:]

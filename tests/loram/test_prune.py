@@ -3,6 +3,7 @@ save/load round trip, streaming checkpoint pruning, and the 70B parameter-reduct
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -10,6 +11,8 @@ import torch
 import transformers
 
 from slimtune.errors import SlimtuneError
+from slimtune.models.arch import all_specs
+from slimtune.models.tiny import tiny_config
 from slimtune.loram.prune import (
     KeptIndex,
     load_pruned,
@@ -41,14 +44,13 @@ def ids(n: int = 11, batch: int = 2, seed: int = 1) -> torch.Tensor:
 
 
 def zero_pruned_channels(model, kept: KeptIndex) -> None:
-    """Zero, in the ORIGINAL model, every row/column the map prunes (weights and biases)."""
+    """Zero, in the ORIGINAL model, every row/column the map prunes (weights and biases), by the family's table."""
+    spec = kept.spec
     with torch.no_grad():
         for i in kept.layers:
-            layer = model.model.layers[i]
-            for proj, dim in (("q_proj", 0), ("k_proj", 0), ("v_proj", 0), ("o_proj", 1)):
-                _zero(getattr(layer.self_attn, proj), kept.channels(i, proj), dim)
-            for proj, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
-                _zero(getattr(layer.mlp, proj), kept.channels(i, proj), dim)
+            layer = spec.decoder_layers(model)[i]
+            for p in spec.projections:
+                _zero(spec.module(layer, spec.block_of(p.name)), kept.channels(i, p.name), 0 if p.prune == "out" else 1)
 
 
 def _zero(lin, keep: torch.Tensor, dim: int) -> None:
@@ -226,3 +228,36 @@ def test_70b_parameter_reduction_on_meta_device():
     llama2 = transformers.LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                                       num_attention_heads=64, num_key_value_heads=8, vocab_size=32000)
     assert round(parameter_reduction(llama2, kept, quant_bits=4)["paper_reduction"], 2) == 16.95
+
+
+PRUNABLE = sorted({s.name for s in all_specs().values() if s.loram_prunable(tiny_config(s.name)) is None})
+
+
+@pytest.mark.parametrize("model_type", PRUNABLE)
+def test_every_prunable_family_prunes_exactly(model_type):
+    """Each family's spec drives pruning: the pruned model equals the original with the pruned channels zeroed
+    (Gemma's (1 + w) norms and q/k norms, Qwen3's q/k norms and Qwen2's biases included), counts are closed-form."""
+    cfg = tiny_config(model_type, vocab_size=TINY["vocab_size"], num_hidden_layers=3, num_attention_heads=8,
+                      num_key_value_heads=4)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or name.endswith("norm.weight"):
+                p.normal_(0, 0.1)
+    zeroed = copy.deepcopy(model)
+    pruned, kept = prune_model(model, ratio=0.5, keep_first=1, seed=2)
+    assert sorted(kept.layers) == [1, 2] and kept.spec.name == model_type
+    assert parameter_reduction(cfg, kept)["pruned_params"] == n_params(pruned)
+    zero_pruned_channels(zeroed, kept)
+    x = ids()
+    torch.testing.assert_close(pruned(x).logits, zeroed(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_family_that_cannot_be_pruned_is_refused():
+    from slimtune.errors import ModelError
+
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config("phi3", vocab_size=300))
+    with pytest.raises(ModelError, match="phi3: its attention splits qkv_proj"):
+        prune_model(model, ratio=0.5)

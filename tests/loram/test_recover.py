@@ -11,7 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from slimtune.errors import SlimtuneError
-from slimtune.loram.prune import PRUNED_DIM, prune_model, save_pruned
+from slimtune.loram.prune import prune_model, save_pruned
 from slimtune.loram.recover import recover_adapter
 from test_prune import ids, make, zero_pruned_channels
 
@@ -52,8 +52,8 @@ def test_recovered_delta_matches_on_kept_and_is_zero_on_pruned(tmp_path, kind, o
             "up_proj": (geo.intermediate_size, geo.hidden_size),
             "down_proj": (geo.hidden_size, geo.intermediate_size)}
     for layer in range(geo.num_layers):
-        for proj, dim in PRUNED_DIM.items():
-            block = "mlp" if proj in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+        for p in kept.spec.projections:  # the projection table of the family (its ArchSpec)
+            proj, dim, block = p.name, p.prune, kept.spec.block_of(p.name).rsplit(".", 1)[0]
             d_small, d_big = delta(small, layer, block, proj, 2.0), delta(big, layer, block, proj, 2.0)
             assert d_big.shape == full[proj]
             if layer not in kept.layers:

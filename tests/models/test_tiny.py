@@ -76,3 +76,22 @@ def test_tiny_configs_build_and_run(make):
     ids = torch.tensor([tok("Tutti gli esseri umani", add_special_tokens=False)["input_ids"]])
     out = model(input_ids=ids, labels=ids)
     assert out.logits.shape == (1, ids.shape[1], len(tok)) and torch.isfinite(out.loss)
+
+
+def test_tiny_config_of_every_family():
+    """``tiny_config`` builds the 2-layer test model of any registered family (its spec's overrides applied, the
+    layer-type pattern stretched to the layer count) and refuses an unknown model_type."""
+    import transformers
+
+    from slimtune.models.arch import all_specs
+    from slimtune.models.tiny import tiny_config
+
+    for model_type, spec in all_specs().items():
+        cfg = tiny_config(model_type, num_hidden_layers=3)
+        geo = spec.geometry(cfg)
+        assert (geo.hidden, geo.layers, geo.heads, geo.kv_heads, geo.head_dim) == (64, 3, 4, 2, 16), model_type
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(cfg)
+        assert len(spec.decoder_layers(model)) == 3
+    with pytest.raises(ValueError, match="no family for model_type 'gpt2'"):
+        tiny_config("gpt2")

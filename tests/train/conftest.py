@@ -76,7 +76,6 @@ def invoke(args: list[str], env: dict[str, str] | None = None):
 @pytest.fixture
 def no_fault(monkeypatch):
     monkeypatch.delenv("SLIMTUNE_FAULT", raising=False)
-    monkeypatch.delenv("SLIMTUNE_KILL_IN_WRITE", raising=False)
     return os.environ
 
 

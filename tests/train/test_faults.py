@@ -84,18 +84,18 @@ def test_oom_exit_3_with_advice_and_checkpoint_kept(tmp_path, tiny_model_dir, re
 
 
 def test_sigterm_saves_and_exits_130(tmp_path, tiny_model_dir, rel, monkeypatch):
-    from slimtune.train.loop import Trainer
+    from slimtune.train import faults
+    from slimtune.train.callbacks import TrainerCallback
 
     run_dir = tmp_path / "run"
     path = rel.write_recipe(tmp_path / "r.yaml", rel.recipe(tiny_model_dir, run_dir, steps=6, save_every=0))
-    log = Trainer._log_metrics
 
-    def log_then_term(self, res):
-        log(self, res)
-        if res.step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)  # handled by the trainer: the step is done, stop after it
+    class TermAfterStep2(TrainerCallback):
+        def on_step_end(self, trainer, result):
+            if result.step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)  # handled by the trainer: the step is done, stop after it
 
-    monkeypatch.setattr(Trainer, "_log_metrics", log_then_term)
+    monkeypatch.setattr(faults, "from_env", lambda: [TermAfterStep2()])  # what `slimtune run` registers
     handler = signal.getsignal(signal.SIGTERM)
     res = rel.invoke(["run", str(path)], env=rel.env)
     assert res.exit_code == 130, res.output
@@ -185,12 +185,12 @@ def test_oom_message_on_cuda_has_estimate_figures(tmp_path, tiny_model_dir, rel,
 
     import torch
 
+    from slimtune.bench.hints import estimate_line
     from slimtune.config.recipe import load_recipe
-    from slimtune.train import faults
 
     recipe = load_recipe(rel.write_recipe(tmp_path / "r.yaml", rel.recipe(tiny_model_dir, tmp_path / "run")))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=8 << 30))
-    line = faults._estimate_line(recipe, torch.device("cuda"))
+    line = estimate_line(recipe, torch.device("cuda"))
     assert line.startswith("estimated peak ") and "of 8.0 GiB" in line, line
     assert "longest sequence that fits at this micro_batch:" in line, line
 

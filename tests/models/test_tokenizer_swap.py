@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from slimtune.data.tokenizer_swap import build_mapping, swap_tokenizer
 from slimtune.models.tiny import tiny_llama_config, train_tiny_tokenizer, udhr_texts
+from slimtune.models.tokenizer_swap import build_mapping, swap_tokenizer
 
 
 @pytest.fixture(scope="module")

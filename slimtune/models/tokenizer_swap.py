@@ -17,6 +17,9 @@ two tokenizers, so a merge or a resumed run rebuilds exactly the same model.
 
     mapping = build_mapping(old_tok, new_tok)          # list of (old ids, weights) per new id
     swap_tokenizer(model, old_tok, new_tok)            # in place; returns a report dict
+
+``model.tokenizer_swap`` in a recipe: ``slimtune.models.load.load_model`` loads the new tokenizer
+(``load_swap_tokenizer``) and calls ``swap_tokenizer``.
 """
 
 from __future__ import annotations
@@ -150,24 +153,3 @@ def swap_tokenizer(model: nn.Module, old_tok, new_tok, *, weighting: Weighting =
                 setattr(cfg, role, getattr(new_tok, role, None))
     report = {"old_vocab": len(old_tok), "new_vocab": n_new, "tied": tied, **mapping.counts()}
     return report
-
-
-def load_swap_tokenizer(name: str, *, trust_remote_code: bool = False):
-    """The tokenizer to swap in: a tokenizer folder (no model needed), or anything ``model.tokenizer`` accepts."""
-    import os
-    from pathlib import Path
-
-    from slimtune.errors import ModelError
-    from slimtune.models.load import ModelConfig, ensure_pad_token, load_tokenizer
-
-    p = Path(os.path.expanduser(os.path.expandvars(name)))
-    if p.is_dir() and not (p / "config.json").is_file():
-        from transformers import AutoTokenizer
-
-        try:
-            tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=trust_remote_code)
-        except Exception as e:
-            raise ModelError(f"model.tokenizer_swap: cannot load a tokenizer from {name}: {e}") from e
-        ensure_pad_token(tok)
-        return tok
-    return load_tokenizer(ModelConfig(name=name, trust_remote_code=trust_remote_code))

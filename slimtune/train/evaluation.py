@@ -1,0 +1,85 @@
+"""Evaluation during training (`train.eval_every`): validation loss and perplexity on the records that
+`data.val_split` (= `data.holdout`) keeps out of training and the records of `data.eval_sources`, every N
+optimizer steps and at the last step.
+
+The numbers go to the progress display (a line above the bar), to `<run>/val_metrics.jsonl`, to the metric
+loggers of `train.report_to`, and to the stage summary (`summary["val"]`). With `train.keep_best` the adapter of
+the lowest validation loss is also exported (PEFT format, with the tokenizer) to `<run>/best_adapter`.
+
+The loss is the mean next-token loss over all target tokens of the validation set (the same masking as
+training: assistant tokens for chat/instruction), perplexity = exp(loss).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from slimtune.adapters.export import export_peft
+from slimtune.errors import SlimtuneError
+from slimtune.eval.model_eval import heldout_loss
+from slimtune.models.load import peft_base_name
+from slimtune.train.callbacks import TrainerCallback
+from slimtune.train.loggers import MetricLoggers
+
+VAL_FILE = "val_metrics.jsonl"
+BEST_DIR = "best_adapter"
+
+
+class EvaluateDuringTraining(TrainerCallback):
+    """Validation every `every` steps (see the module docstring); `loggers` receive val/loss and val/ppl."""
+
+    def __init__(self, every: int, *, keep_best: bool = False, loggers: MetricLoggers | None = None) -> None:
+        self.every, self.keep_best, self.loggers = every, keep_best, loggers
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] | None = None
+
+    def on_train_start(self, trainer) -> None:
+        self.records = [h for h in trainer.data.holdout if h.get("input_ids") is not None]
+        if not self.records:
+            raise SlimtuneError("train.eval_every: no validation records; set data.val_split (a fraction such as "
+                                "0.05, or a count) or data.eval_sources")
+        path = trainer.run_dir / VAL_FILE
+        rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+        rows = [r for r in rows if r.get("step", 0) <= trainer.pos.step]  # a resumed run keeps its earlier rows
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        self.history = rows
+        self.best = min(rows, key=lambda r: r["val_loss"]) if rows else None
+
+    def on_step_end(self, trainer, result) -> None:
+        if result.step % self.every and result.step != trainer.total_steps:
+            return
+        mb = trainer.recipe.train.micro_batch
+        v = heldout_loss(trainer.model, self.records, pad_id=trainer.data.pad_id, batch_size=mb,
+                         device=trainer.device)
+        row = {"step": result.step, "val_loss": v["loss"], "val_ppl": v["ppl"], "val_tokens": v["tokens"],
+               "train_loss": result.loss}
+        self.history.append(row)
+        with open(trainer.run_dir / VAL_FILE, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        improved = self.best is None or v["loss"] < self.best["val_loss"]
+        trainer.reporter.log(f"step {result.step}: val loss {v['loss']:.4f}, ppl {v['ppl']:.2f} "
+                             f"({v['tokens']} tokens){' (best)' if improved and self.keep_best else ''}")
+        if self.loggers is not None:
+            self.loggers.log({"val/loss": v["loss"], "val/ppl": v["ppl"]}, result.step)
+        if improved:
+            self.best = row
+            if self.keep_best:
+                out = trainer.run_dir / BEST_DIR
+                export_peft(trainer.model, out, base_model_name_or_path=peft_base_name(trainer.recipe.model.name),
+                            tokenizer=trainer.tokenizer, metadata={"base_model": trainer.recipe.model.name,
+                                                                   "step": result.step, "val_loss": v["loss"]})
+
+    def on_train_end(self, trainer, summary) -> None:
+        summary["val"] = {"last": self.history[-1] if self.history else None, "best": self.best,
+                          "best_adapter": str(trainer.run_dir / BEST_DIR) if self.keep_best and self.best else None}
+
+
+def recipe_callbacks(recipe) -> list[TrainerCallback]:
+    """The callbacks a recipe's `train` section asks for: metric loggers, then evaluation during training."""
+    t = recipe.train
+    loggers = MetricLoggers(t.report_to) if [n for n in t.report_to if n != "jsonl"] else None
+    out: list[TrainerCallback] = [loggers] if loggers is not None else []
+    if t.eval_every:
+        out.append(EvaluateDuringTraining(t.eval_every, keep_best=t.keep_best, loggers=loggers))
+    return out

@@ -1,0 +1,331 @@
+"""Data-parallel training (slimtune.train.distributed) end to end on the CPU: gloo, 2 processes, real torchrun.
+
+One lineage of `torchrun --standalone --nproc-per-node 2 -m slimtune run` (micro_batch 2, grad_accum 2, nf4 base,
+fused LoRA, fp32 adapter, dropout 0, fixed seed) against an in-process 1-process run with micro_batch 4 on the same
+data:
+
+    launch 1   fresh       SIGKILL of rank 1 after step 3 of 12: torchrun stops rank 0, exits non-zero, soon
+    (1 proc)   --resume    refused: the checkpoint is of a 2-process run (the global batch would change)
+    launch 2   --resume    runs to the end
+
+The per-step losses, gradient norms and token counts of the lineage equal the 1-process run's (rtol 1e-6: the
+ranks' partial sums are added in another order), and so does the final adapter (≤ 1e-6). The 42 examples make
+the last global micro-batch of each epoch 2 rows for 4 slots: rank 1 trains a padded stand-in there (stated in
+slimtune.train.distributed), which the equality covers. Every write under the run folder is recorded by an audit
+hook (a sitecustomize on PYTHONPATH) in each worker: rank 0 wrote, rank 1 never did (Python-level opens, mkdir,
+rename, remove; torch.save and safetensors open files natively, inside the same rank-0-only writer).
+
+Also: a LoRAM recipe (prune, align, train, recover, merge, evaluate) on 2 ranks equals its 1-process run; the
+estimator's --nproc figures; the per-rank sharding of a global batch and the torchrun command line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from slimtune.train.distributed import DistContext, _PadBatch, torchrun_argv
+from slimtune.train.state import list_checkpoints
+
+STEPS = 12  # the kill lands after step 3: 9 steps of headroom on a fast machine
+KILL_AFTER = 3
+RTOL = 1e-6
+
+# Records every write-like call of a torchrun worker under $SLIMTUNE_TEST_WATCH into writes-rank<RANK>.txt.
+SITECUSTOMIZE = r'''
+import os, sys
+_watch, _rank = os.environ.get("SLIMTUNE_TEST_WATCH"), os.environ.get("RANK")
+if _watch and _rank is not None:
+    _watch = os.path.realpath(_watch)
+    _fd = os.open(os.path.join(os.environ["SLIMTUNE_TEST_WATCH_LOG"], f"writes-rank{_rank}.txt"),
+                  os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    _W = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+    _PATH_EVENTS = {"os.mkdir", "os.rename", "os.replace", "os.remove", "os.rmdir", "shutil.rmtree", "os.truncate",
+                    "os.symlink", "os.link", "os.chmod", "os.utime"}
+
+    def _hook(event, args):
+        if event == "open":
+            path, mode, flags = args
+            writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+                isinstance(flags, int) and bool(flags & _W))
+        elif event in _PATH_EVENTS:
+            path, writes = args[0], True
+        else:
+            return
+        if not writes or not isinstance(path, (str, bytes, os.PathLike)):
+            return
+        p = os.fsdecode(os.fspath(path))
+        p = os.path.realpath(p if os.path.isabs(p) else os.path.join(os.getcwd(), p))
+        if p == _watch or p.startswith(_watch + os.sep):
+            os.write(_fd, f"{event} {p}\n".encode())
+
+    sys.addaudithook(_hook)
+'''
+
+
+def dp_recipe(rel, model_dir: Path, run_dir: Path, micro_batch: int) -> dict:
+    r = rel.recipe(model_dir, run_dir, steps=STEPS, micro_batch=micro_batch, grad_accum=2, device="cpu")
+    r["adapter"]["dropout"] = 0.0  # a 4-row dropout mask is not two 2-row ones: exact equality needs none
+    r["data"]["sources"][0]["max_records"] = 2  # 42 packed examples of 32 tokens (asserted below)
+    return r
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().split("\n")[:-1]:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            pass
+    return rows
+
+
+def assert_rows_match(got: list[dict], ref: list[dict], label: str) -> None:
+    assert [g["step"] for g in got] == [r["step"] for r in ref[: len(got)]], label
+    for g, r in zip(got, ref):
+        assert (g["tokens"], g["lr"], g["skipped"]) == (r["tokens"], r["lr"], r["skipped"]), (label, g, r)
+        for key in ("loss", "grad_norm"):
+            assert abs(g[key] - r[key]) <= RTOL * abs(r[key]), (label, key, g, r)
+
+
+def adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted((run_dir / "adapter_native").glob("*.safetensors")):
+        out.update({f"{f.name}:{k}": v for k, v in load_file(f).items()})
+    assert out, f"no adapter tensors in {run_dir / 'adapter_native'}"
+    return out
+
+
+class Torchrun:
+    """`torchrun --standalone --nproc-per-node 2 -m slimtune run RECIPE [ARGS]` as a subprocess."""
+
+    def __init__(self, recipe: Path, env: dict[str, str], cwd: Path):
+        self.recipe, self.env, self.cwd = recipe, env, cwd
+
+    def start(self, *extra: str) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "slimtune", "run", str(self.recipe), *extra]
+        return subprocess.Popen(cmd, env=self.env, cwd=self.cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+
+
+def worker(proc: subprocess.Popen, rank: int, timeout: float = 60):
+    import psutil
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                if child.environ().get("RANK") == str(rank):
+                    return child
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        time.sleep(0.05)
+    pytest.fail(f"no rank {rank} worker in {timeout} s")
+
+
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 120) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        rows = metric_rows(run_dir)
+        if rows and rows[-1]["step"] >= step:
+            return
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"torchrun ended (rc {proc.returncode}) before step {step}:\n{out}\n{err[-4000:]}")
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail(f"step {step} not reached in {timeout} s")
+
+
+def rank_writes(log_dir: Path, rank: int) -> list[str]:
+    path = log_dir / f"writes-rank{rank}.txt"
+    return path.read_text().splitlines() if path.is_file() else []
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_rank_survive_sigkill_and_resume_exactly(tmp_path, tiny_model_dir, rel):
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "lineage"
+    ref_recipe = rel.write_recipe(tmp_path / "ref.yaml", dp_recipe(rel, tiny_model_dir, ref_dir, micro_batch=4))
+    recipe = rel.write_recipe(tmp_path / "lineage.yaml", dp_recipe(rel, tiny_model_dir, run_dir, micro_batch=2))
+
+    # The reference: one process, micro_batch 4 (the 2-rank run's global micro-batch), in-process.
+    res = rel.invoke(["run", str(ref_recipe), "--quiet"], env=rel.env)
+    assert res.exit_code == 0, res.output
+    ref = metric_rows(ref_dir)
+    assert [r["step"] for r in ref] == list(range(1, STEPS + 1))
+    n = json.loads((ref_dir / "run_summary.json").read_text())["stages"][0]["data"]["examples"]
+    assert n == 42 and n % 4 == 2 and n // 4 + 1 <= 2 * STEPS, n  # the padded last global batch is trained
+    ref_adapter = adapter_tensors(ref_dir)
+
+    site, logs = tmp_path / "site", tmp_path / "writes"
+    site.mkdir()
+    logs.mkdir()
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    env = {**os.environ, **rel.env, "SLIMTUNE_DIST_TIMEOUT": "30", "PYTHONPATH": str(site),
+           "SLIMTUNE_TEST_WATCH": str(run_dir), "SLIMTUNE_TEST_WATCH_LOG": str(logs)}
+    env.pop("SLIMTUNE_FAULT", None)
+    tr = Torchrun(recipe, env, tmp_path)
+
+    # Launch 1: SIGKILL rank 1 after step KILL_AFTER; torchrun must end the job (rank 0 included) by itself.
+    proc = tr.start("-q")
+    rank0, rank1 = worker(proc, 0), worker(proc, 1)
+    wait_for_step(proc, run_dir, KILL_AFTER)
+    os.kill(rank1.pid, signal.SIGKILL)
+    t_kill = time.monotonic()
+    try:
+        out, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("torchrun did not end within 90 s of a rank's SIGKILL")
+    ended_after = time.monotonic() - t_kill
+    assert proc.returncode != 0, (out, err[-3000:])
+    assert not rank0.is_running() or rank0.status() == "zombie", "rank 0 survived its peer's death"
+    got = metric_rows(run_dir)
+    assert KILL_AFTER <= len(got) < STEPS
+    assert_rows_match(got, ref, "launch 1")
+    last = list_checkpoints(run_dir / "checkpoints")[-1]
+    state = torch.load(last / "trainer.pt", map_location="cpu", weights_only=False)
+    assert state["world"] == 2 and len(state["rng_ranks"]) == 2  # each rank's RNG (dropout masks differ per rank)
+    assert torch.equal(state["rng_ranks"][0]["torch"], state["rng"]["torch"])
+    assert not torch.equal(state["rng_ranks"][0]["torch"], state["rng_ranks"][1]["torch"])
+
+    # A 1-process resume of the 2-process checkpoint is refused (one line, exit 2).
+    res = rel.invoke(["run", str(recipe), "--resume", "latest", "--quiet"], env=rel.env)
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert res.exit_code == 2 and len(errors) == 1 and "2-process run" in errors[0], res.output
+
+    # Launch 2: --resume runs to the end; the whole lineage equals the 1-process run.
+    proc = tr.start("--resume", "latest")
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, (out, err[-4000:])
+    flat = "".join(out.split())  # rich wraps long lines
+    assert f"resumedfrom{run_dir}/checkpoints/step-" in flat, out
+    assert flat.count("resumedfrom") == 1, out  # rank 0 alone prints
+    assert_rows_match(metric_rows(run_dir), ref, "lineage")
+    assert len(metric_rows(run_dir)) == STEPS
+    got_adapter = adapter_tensors(run_dir)
+    assert got_adapter.keys() == ref_adapter.keys()
+    worst = max(float((got_adapter[k] - t).abs().max()) for k, t in ref_adapter.items())
+    assert worst <= 1e-6, worst
+
+    # Only rank 0 wrote under the run folder (the hook saw rank 0's writes, so it works).
+    # (torch.save and safetensors open their files in C++/Rust, unseen by the hook; they run inside the same
+    # rank-0-only checkpoint writer as the COMPLETE marker, which the hook sees)
+    assert any("metrics.jsonl" in w for w in rank_writes(logs, 0)) and any(
+        w.endswith("COMPLETE") for w in rank_writes(logs, 0)), rank_writes(logs, 0)[:5]
+    assert rank_writes(logs, 1) == [], rank_writes(logs, 1)[:10]
+    rel_loss = max(abs(g["loss"] - r["loss"]) / r["loss"] for g, r in zip(metric_rows(run_dir), ref))
+    print(f"\n2 ranks × micro_batch 2 vs 1 rank × micro_batch 4, {STEPS} steps: max |Δ adapter| {worst:.2e}, "
+          f"max rel Δ loss {rel_loss:.2e}"
+          f"; torchrun ended {ended_after:.1f} s after the SIGKILL of rank 1")
+
+
+def test_shard_takes_the_ranks_rows_and_pads_past_the_end():
+    g = {"input_ids": torch.arange(12).view(3, 4), "labels": torch.arange(12).view(3, 4),
+         "attention_mask": torch.ones(3, 4, dtype=torch.long)}
+    r0, r1 = (DistContext(rank=k, world=2, local_rank=k, backend="gloo") for k in (0, 1))
+    assert torch.equal(r0.shard(g, 2)["input_ids"], g["input_ids"][:2])
+    assert torch.equal(r1.shard(g, 2)["input_ids"], g["input_ids"][2:])  # the uneven last rows
+    short = {k: v[:2] for k, v in g.items()}
+    pad = r1.shard(short, 2)  # past the end: one row, no target tokens
+    assert isinstance(pad, _PadBatch) and pad["input_ids"].shape == (1, 4)
+    assert bool((pad["labels"] == -100).all()) and bool((short["labels"] != -100).all())
+
+
+def test_torchrun_argv_drops_nproc():
+    argv = torchrun_argv(2, ["run", "r.yaml", "--nproc", "2", "--resume", "latest", "--nproc=2", "-q"])
+    assert argv[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert "--standalone" in argv and "--nproc-per-node=2" in argv
+    assert argv[argv.index("-m", 3):] == ["-m", "slimtune", "run", "r.yaml", "--resume", "latest", "-q"]
+
+
+def test_estimate_nproc_gives_the_per_rank_figures(tmp_path, rel):
+    """DDP holds the full base on every rank: the per-rank total is the 1-GPU step's; the global batch scales."""
+    from slimtune.models.tiny import udhr_path
+
+    recipe = rel.write_recipe(tmp_path / "r.yaml", {
+        "model": {"name": "meta-llama/Llama-3.1-8B"}, "quant": {"mode": "nf4"},
+        "adapter": {"kind": "lora", "rank": 16, "alpha": 32},
+        "data": {"sources": [{"path": str(udhr_path("src"))}], "format": "text", "max_seq_len": 2048},
+        "train": {"micro_batch": 1, "grad_accum": 8, "grad_checkpointing": "full"},
+        "output": {"dir": str(tmp_path / "run")}})
+    one = rel.invoke(["estimate", str(recipe), "--json"])
+    eight = rel.invoke(["estimate", str(recipe), "--json", "--nproc", "8"])
+    assert one.exit_code == 0 and eight.exit_code == 0, one.output + eight.output
+    a, b = json.loads(one.output), json.loads(eight.output)
+    assert b["nproc"] == 8 and b["per_rank_total_bytes"] == a["per_rank_total_bytes"] == a["total_bytes"]
+    assert (a["global_batch_sequences"], b["global_batch_sequences"]) == (8, 64)
+    text = rel.invoke(["estimate", str(recipe), "--nproc", "8"]).output
+    assert "perrankofaDDPrunon8GPUs" in "".join(text.split()), text
+
+
+@pytest.fixture(scope="module")
+def tiny4_dir(tmp_path_factory) -> Path:
+    """A 4-layer tiny Llama (LoRAM prunes the middle two)."""
+    from transformers import LlamaForCausalLM
+
+    from slimtune.models.tiny import tiny_llama_config, tiny_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny4")
+    tok = tiny_tokenizer()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        LlamaForCausalLM(tiny_llama_config(vocab_size=len(tok), num_hidden_layers=4)).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def loram_recipe(base: Path, run_dir: Path, micro_batch: int) -> dict:
+    from slimtune.models.tiny import udhr_path
+
+    text = {"path": str(udhr_path("eng")), "max_records": 8}
+    return {
+        "model": {"name": str(base), "attn_implementation": "eager"}, "quant": {"mode": "nf4"},
+        "adapter": {"kind": "lora", "rank": 8, "alpha": 16},
+        "data": {"sources": [text], "format": "text", "max_seq_len": 32, "holdout": 2},
+        "train": {"lr": 1e-3, "steps": 4, "micro_batch": micro_batch, "grad_accum": 2, "warmup": 0, "seed": 3,
+                  "device": "cpu"},
+        "output": {"dir": str(run_dir), "merged_dtype": "float32", "export_peft": True},
+        "loram": {"ratio": 0.5, "keep_first": 1, "keep_last": 1,
+                  "align": {"data": {"sources": [text], "max_seq_len": 32},
+                            "train": {"lr": 1e-3, "steps": 2, "micro_batch": micro_batch, "device": "cpu"}}},
+    }
+
+
+@pytest.mark.slow
+def test_loram_pipeline_on_two_ranks_equals_one(tmp_path, tiny4_dir, rel):
+    """prune (rank 0) → align (full fine-tuning, DDP over every trained weight) → QLoRA train → recover + merge +
+    evaluate (rank 0): 2 ranks × micro_batch 2 give the 1-process run's losses and recovered adapter."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    r1 = rel.write_recipe(tmp_path / "one.yaml", loram_recipe(tiny4_dir, one, 4))
+    r2 = rel.write_recipe(tmp_path / "two.yaml", loram_recipe(tiny4_dir, two, 2))
+    res = rel.invoke(["run", str(r1), "--quiet"], env=rel.env)
+    assert res.exit_code == 0, res.output
+    env = {**os.environ, **rel.env, "SLIMTUNE_DIST_TIMEOUT": "60"}
+    env.pop("SLIMTUNE_FAULT", None)
+    proc = Torchrun(r2, env, tmp_path).start("-q")
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, (out, err[-4000:])
+    for sub in ("aligned.run", "train"):
+        ref = metric_rows(one / sub)
+        assert len(ref) == len(metric_rows(two / sub)) > 0, sub
+        assert_rows_match(metric_rows(two / sub), ref, sub)
+    a, b = (load_file(d / "adapter_recovered" / "adapter_model.safetensors") for d in (one, two))
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst <= 1e-6, worst
+    assert (two / "merged").is_dir() and (two / "eval.md").is_file()
+    print(f"\nLoRAM on 2 ranks vs 1: max |Δ recovered adapter| {worst:.2e}")
