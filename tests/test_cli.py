@@ -345,3 +345,19 @@ def test_missing_logger_library_is_one_line(tmp_path, tiny_model_dir, monkeypatc
     p = write_recipe(tmp_path, tiny_model_dir, train={"steps": 1, "report_to": ["mlflow"]})
     res = runner.invoke(app, ["run", str(p)])
     assert res.exit_code == 2 and "pip install 'slimtune[mlflow]'" in res.output, res.output
+
+
+def test_recipe_output_gguf_exports_at_the_end_of_a_run(tmp_path, tiny_model_dir):
+    """`output.gguf` writes the merged GGUF, its Ollama Modelfile and the LoRA GGUF when the run ends."""
+    import gguf
+
+    p = write_recipe(tmp_path, tiny_model_dir, output={"dir": str(tmp_path / "run"),
+                                                      "gguf": {"quant": "Q8_0", "lora": True}})
+    res = runner.invoke(app, ["run", str(p), "--quiet"])
+    assert res.exit_code == 0, res.output
+    files = sorted(f.name for f in (tmp_path / "run" / "gguf").iterdir())
+    merged = [f for f in files if f.endswith("-Q8_0.gguf")]
+    assert merged and any(f.endswith(".Modelfile") for f in files) and any(f.endswith("-lora.gguf") for f in files)
+    reader = gguf.GGUFReader(tmp_path / "run" / "gguf" / merged[0])
+    kinds = {t.tensor_type.name for t in reader.tensors}
+    assert "Q8_0" in kinds and any(t.name == "token_embd.weight" for t in reader.tensors)

@@ -94,6 +94,8 @@ def dense_weight(layer: nn.Module, dtype: torch.dtype = torch.float32) -> torch.
     layers go through the same dequantization as the fused ops' reference (``slimtune.ops.nf4.dense_weight``:
     bit-exact for every shape, bitsandbytes' native op where that is exact).
     """
+    if isinstance(layer, Adapter):  # a frozen earlier-stage adapter under a stacked one: its merged weight
+        return layer.merged_weight().to(dtype)
     if is_4bit(layer):
         qs = layer.weight.quant_state
         if getattr(qs, "packing_format_for_cpu", False):  # bnb's CPU inference layout: back to canonical
@@ -179,6 +181,18 @@ class Adapter(nn.Module):
         self.name = name
         self.out_features, self.in_features = linear_shape(base_layer)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Only under a stacked adapter (``inject(stack=True)`` sets ``stacked_under``): the weight of the linear
+        layer under the stack, so the adapter over this one reads its device, dtype and quantization as from any
+        base layer. Otherwise an adapter has no ``weight``."""
+        if not self.__dict__.get("stacked_under", False):
+            raise AttributeError("weight")
+        base = self.base_layer
+        while isinstance(base, Adapter):
+            base = base.base_layer
+        return base.weight
 
     # --- what a kind defines -----------------------------------------------------------------------
     @property

@@ -72,16 +72,19 @@ def _matches(name: str, targets: str | list[str]) -> bool:
     return False
 
 
-def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
-    """Names of the linear layers inside decoder layers that the config targets (lm_head is never a target)."""
+def find_targets(model: nn.Module, config: AdapterConfig, *, stack: bool = False) -> list[str]:
+    """Names of the linear layers inside decoder layers that the config targets (lm_head is never a target).
+
+    ``stack=True``: the targets are the model's (top-level) adapters instead, to put a new adapter over each.
+    """
     num_layers = len(decoder_layers(model))
     allowed = set(config.layer_indices(num_layers))
     out = []
     for name, module in model.named_modules():
         idx = layer_index(name)
-        if idx is None or idx not in allowed or not is_linear(module) or isinstance(module, Adapter):
+        if idx is None or idx not in allowed or ".base_layer" in name:
             continue
-        if ".base_layer" in name:
+        if (not isinstance(module, Adapter)) if stack else (not is_linear(module) or isinstance(module, Adapter)):
             continue
         if _matches(name, config.targets):
             out.append(name)
@@ -96,18 +99,21 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def inject(
     model: nn.Module, config: AdapterConfig, *, module_meta: dict[str, dict] | None = None, init: bool = True,
+    stack: bool = False,
 ) -> dict[str, Adapter]:
     """Freeze the model and wrap every targeted linear layer in an adapter of ``config.kind``.
 
     Returns the adapters by module name. ``config.modules_to_save`` modules (e.g. embed_tokens) are unfrozen.
     ``module_meta`` (from a saved adapter) replaces the kind's ``plan`` so a load rebuilds the same shapes;
     ``init=False`` (a load: the saved tensors follow) lets kinds skip their initialisation (`loading_saved`).
+    ``stack=True`` wraps the model's existing adapters instead (kept frozen as the new adapters' base layers:
+    y = base(x) + Δ₁x + Δ₂x, see ``slimtune.adapters.export.stack_on``).
     Raises ValueError when nothing matches (a typo in ``targets`` must not silently train nothing).
     """
     cls = get_adapter_class(config.kind)
     for p in model.parameters():
         p.requires_grad_(False)
-    names = find_targets(model, config)
+    names = find_targets(model, config, stack=stack)
     if not names:
         raise ValueError(f"adapter.targets {config.targets!r} matched no linear layer of the decoder")
     facts = module_meta if module_meta is not None else cls.plan(model, names, config)
@@ -115,6 +121,8 @@ def inject(
     with _loading(not init):
         for name in names:
             base = model.get_submodule(name)
+            if stack:
+                base.stacked_under = True  # the frozen adapter now plays a base layer (Adapter.weight)
             adapter = cls(base, config, name=name, **facts.get(name, {}))
             _set_module(model, name, adapter)
             adapters[name] = adapter
@@ -138,7 +146,17 @@ def prepare_adapters(adapters: dict[str, Adapter]) -> None:
 
 
 def adapters_of(model: nn.Module) -> dict[str, Adapter]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, Adapter)}
+    """The model's adapters by module name; a frozen adapter stacked under another (its ``base_layer``) is part of
+    that one, not listed."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, Adapter) and not n.endswith(".base_layer")}
+
+
+def innermost_base(adapter: Adapter) -> nn.Module:
+    """The linear layer under an adapter (under every stacked adapter)."""
+    base = adapter.base_layer
+    while isinstance(base, Adapter):
+        base = base.base_layer
+    return base
 
 
 def merge(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
@@ -147,8 +165,8 @@ def merge(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     Exact up to the dtype: merged(x) equals the adapted layer's output computed in that dtype.
     """
     for name, adapter in list(adapters_of(model).items()):
-        base = adapter.base_layer
-        w = adapter.merged_weight()  # (out, in) fp32
+        base = innermost_base(adapter)
+        w = adapter.merged_weight()  # (out, in) fp32; stacked adapters: base + every Δ
         out_dtype = dtype or (getattr(base, "compute_dtype", None) if is_4bit(base) else base.weight.dtype)
         out_dtype = out_dtype or torch.float32
         bias = getattr(base, "bias", None)
@@ -162,7 +180,8 @@ def merge(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Remove every adapter, putting the original base layers back."""
-    for name, adapter in list(adapters_of(model).items()):
-        _set_module(model, name, adapter.restore_base())
+    """Remove every adapter, putting the original base layers back (stacked adapters: all of them)."""
+    while adapters_of(model):
+        for name, adapter in list(adapters_of(model).items()):
+            _set_module(model, name, adapter.restore_base())
     return model

@@ -213,9 +213,10 @@ class StageConfig(BaseModel):
     """Stage name (folder name under the run's stages/)."""
     kind: Literal["train", "merge", "eval", "arithmetic"] = "train"
     """What the stage does (see the class doc)."""
-    start_from: Literal["merged", "adapter", "base"] = "merged"
-    """merged: the previous stage's merged model is this stage's base; adapter: keep training its adapter; base:
-    start again from the recipe's base model. (eval stages: which model to evaluate.)"""
+    start_from: Literal["merged", "adapter", "stacked", "base"] = "merged"
+    """merged: the previous stage's merged model is this stage's base (merged, then re-quantized); adapter: keep
+    training its adapter; stacked: keep its adapter frozen on the same base and train a new one over it (exact: no
+    merge until the end); base: start again from the recipe's base model. (eval stages: which model to evaluate.)"""
     adapter: AdapterSpec | None = None  # type: ignore[valid-type]
     data: DataConfig | None = None
     train: TrainConfig | None = None

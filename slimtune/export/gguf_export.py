@@ -22,6 +22,7 @@ from gguf import quants as gguf_quants
 from gguf.constants import MODEL_ARCH_NAMES
 
 from slimtune.errors import SlimtuneError
+from slimtune.export.gguf_spm import is_spm_bpe, llama3_rope_factors, spm_facts
 from slimtune.export.kquants import quantize_k
 from slimtune.export.mixes import FILE_TYPES, tensor_type
 from slimtune.export.source import (
@@ -71,12 +72,22 @@ def check_writable(config) -> str:
     mt = getattr(config, "model_type", None)
     if spec is None or spec.gguf_arch not in WRITABLE_ARCHS:
         raise SlimtuneError(f"GGUF export: model type {mt!r} is not supported (supported: llama, mistral, qwen2)")
-    if getattr(config, "rope_parameters", None) and (config.rope_parameters or {}).get("rope_type", "default") not in (
-        "default", "linear",
-    ):
-        rt = config.rope_parameters.get("rope_type")
-        raise SlimtuneError(f"GGUF export: rope_type {rt!r} is not supported yet (default and linear are)")
+    rt = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rt not in ("default", "linear", "llama3") or (rt == "llama3" and spec.gguf_arch != "llama"):
+        raise SlimtuneError(f"GGUF export: rope_type {rt!r} is not supported yet (default, linear, llama3 are)")
     return spec.gguf_arch
+
+
+def _head_dim(config) -> int:
+    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
+def extra_tensors(config) -> dict[str, torch.Tensor]:
+    """Tensors llama.cpp needs that the checkpoint does not hold: ``rope_freqs.weight`` for llama3 RoPE scaling."""
+    theta, rp = _rope(config)
+    if rp.get("rope_type") == "llama3":
+        return {"rope_freqs.weight": llama3_rope_factors(rp, _head_dim(config), theta)}
+    return {}
 
 
 def _rope(config) -> tuple[float, dict]:
@@ -116,21 +127,33 @@ _PRE_BY_SOURCE = {"qwen2": "qwen2"}
 
 
 def tokenizer_facts(tok, config, gguf_fields: dict | None = None) -> dict:
-    """Vocabulary, merges, token types, special ids and chat template of a byte-level BPE tokenizer.
+    """Vocabulary, merges or scores, token types, special ids and chat template of the tokenizer.
 
-    Raises SlimtuneError for tokenizer kinds this writer does not handle (SentencePiece / byte-fallback BPE).
+    Byte-level BPE (Llama 3, Qwen2, SmolLM2) is written as llama.cpp's ``gpt2`` model with merges; byte-fallback
+    BPE (Llama-2, Mistral v0.1–0.3: SentencePiece-style) as its ``llama`` model with scores. Anything else is a
+    one-line SlimtuneError.
     """
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is None:
         raise SlimtuneError("GGUF export: needs a fast (tokenizers) tokenizer")
     tj = json.loads(backend.to_str())
     model = tj["model"]
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise SlimtuneError(
-            f"GGUF export: tokenizer model {model.get('type')} (byte_fallback={model.get('byte_fallback')}) is not "
-            "supported yet; byte-level BPE tokenizers (Llama 3, Qwen2, SmolLM2) are"
-        )
     n = max(int(config.vocab_size), len(tok))
+    probe = tok("a")["input_ids"]
+    template = tok.chat_template if isinstance(getattr(tok, "chat_template", None), str) else None
+    common = {
+        "add_bos": bool(tok.bos_token_id is not None and probe and probe[0] == tok.bos_token_id),
+        "add_eos": bool(tok.eos_token_id is not None and probe and probe[-1] == tok.eos_token_id),
+        "template": template,
+        "bos": tok.bos_token_id, "eos": tok.eos_token_id, "unk": tok.unk_token_id, "pad": tok.pad_token_id,
+    }
+    if is_spm_bpe(model):
+        return {"model": "llama", **spm_facts(tok, tj, n), **common}
+    if model.get("type") != "BPE":
+        raise SlimtuneError(
+            f"GGUF export: tokenizer model {model.get('type')} is not supported; byte-level BPE (Llama 3, Qwen2, "
+            "SmolLM2) and byte-fallback BPE (Llama-2, Mistral) tokenizers are"
+        )
     tokens = [f"[PAD{i}]" for i in range(n)]
     types = [int(TokenType.UNUSED)] * n
     for piece, i in model["vocab"].items():
@@ -144,27 +167,25 @@ def tokenizer_facts(tok, config, gguf_fields: dict | None = None) -> dict:
     pre = field_.contents() if field_ is not None else None
     if pre is None:
         pre = _PRE_BY_SOURCE.get(getattr(config, "model_type", ""), "llama-bpe" if n >= 128000 else "gpt2")
-    probe = tok("a")["input_ids"]
-    add_bos = bool(tok.bos_token_id is not None and probe and probe[0] == tok.bos_token_id)
-    template = tok.chat_template if isinstance(getattr(tok, "chat_template", None), str) else None
-    return {
-        "tokens": tokens, "types": types, "merges": merges, "pre": pre, "add_bos": add_bos, "template": template,
-        "bos": tok.bos_token_id, "eos": tok.eos_token_id, "unk": tok.unk_token_id, "pad": tok.pad_token_id,
-    }
+    return {"model": "gpt2", "tokens": tokens, "types": types, "merges": merges, "pre": pre, **common}
 
 
 def add_tokenizer(w: GGUFWriter, facts: dict) -> None:
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(facts["pre"])
+    w.add_tokenizer_model(facts["model"])
+    w.add_tokenizer_pre(facts.get("pre", "default"))
     w.add_token_list(facts["tokens"])
+    if facts["model"] == "llama":
+        w.add_token_scores(facts["scores"])
+        w.add_add_space_prefix(facts["add_space_prefix"])
     w.add_token_types(facts["types"])
-    w.add_token_merges(facts["merges"])
+    if facts["model"] == "gpt2":
+        w.add_token_merges(facts["merges"])
     for key, add in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("unk", w.add_unk_token_id),
                      ("pad", w.add_pad_token_id)):
         if facts[key] is not None:
             add(int(facts[key]))
     w.add_add_bos_token(facts["add_bos"])
-    w.add_add_eos_token(False)
+    w.add_add_eos_token(facts["add_eos"])
     if facts["template"]:
         w.add_chat_template(facts["template"])
 
@@ -238,6 +259,7 @@ def export_gguf(
     if tied:
         tensors.shapes.pop("output.weight", None)
     facts = tokenizer_facts(tok, config, tensors.gguf_fields)
+    extras = {k: v for k, v in extra_tensors(config).items() if k not in tensors.shapes}
     deltas, replaced = _adapter_by_gguf_name(adapter, name_map, tensors.shapes)
     linear_names = _decoder_linears(tensors.shapes)
 
@@ -250,6 +272,10 @@ def export_gguf(
     add_tokenizer(w, facts)
     plan: list[tuple[str, T]] = []
     result = GGUFExport(path=out_path, quant=quant, arch=arch, onto=onto)
+    for name, t in extras.items():  # computed here, stored fp32 as llama.cpp expects (rope_freqs)
+        plan.append((name, T.F32))
+        w.add_tensor_info(name, tuple(t.shape), np.dtype(np.float32), nbytes(tuple(t.shape), T.F32), raw_dtype=T.F32)
+        result.types["F32"] = result.types.get("F32", 0) + 1
     for name in iter_layer_order(tensors.shapes):
         shape = tensors.shapes[name]
         qtype = tensor_type(name, shape, quant, n_layer=n_layer, tied=tied)
@@ -260,7 +286,12 @@ def export_gguf(
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     for i, (name, qtype) in enumerate(plan):
-        t = replaced[name].to(torch.float32) if name in replaced else tensors.get(name)
+        if name in extras:
+            t = extras[name]
+        elif name in replaced:
+            t = replaced[name].to(torch.float32)
+        else:
+            t = tensors.get(name)
         if onto == "dequantized" and name in linear_names:
             t = nf4_roundtrip(t)
         if name in deltas:

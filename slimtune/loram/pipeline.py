@@ -223,7 +223,7 @@ def adapter_chain(recipe, train_dir: Path) -> list[tuple[str, Path]]:
         entry = (stage.name, stage_folder(recipe, stage, train_dir, len(stages)) / "adapter")
         if stage.start_from == "merged" and chain:
             chain.append(entry)
-        elif stage.start_from == "adapter" and chain:
+        elif stage.start_from in ("adapter", "stacked") and chain:  # stacked: its PEFT export holds Δ₁ + Δ₂
             chain[-1] = entry
         else:
             chain = [entry]

@@ -115,6 +115,8 @@ def projection_support(m: nn.Module) -> str | None:
     base, adapter = _base_and_adapter(m)
     if adapter is None and _is_adapter_like(m):
         return f"unsupported adapter {type(m).__name__}"
+    if adapter is not None and _is_adapter(base):  # start_from: stacked (the fused ops take one low-rank term)
+        return f"stacked adapter ({type(m).__name__} over a frozen {type(base).__name__})"
     if not (type(base) is nn.Linear or _is_linear4bit(base)):
         what = f"adapter {type(m).__name__} over " if adapter is not None else ""
         return f"{what}{type(base).__name__} is not an nn.Linear or bitsandbytes Linear4bit"

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from slimtune.adapters.export import export_peft, load_native, save_native
+from slimtune.adapters.export import export_peft, load_native, save_native, stack_on
 from slimtune.adapters.inject import adapters_of, inject
 from slimtune.adapters.base import cast_trainable
 from slimtune.adapters.full import select_trainable
@@ -36,7 +36,7 @@ from slimtune.export.run import export_adapter_gguf
 from slimtune.models.fused import causal_lm_loss, fuse_model
 from slimtune.models.embeddings import embeddings_to_host
 from slimtune.models.load import DTYPES, LoadedModel, load_model, peft_base_name
-from slimtune.ops.dispatch import set_backend
+from slimtune.ops.dispatch import dispatch_report, set_backend
 from slimtune.train.callbacks import TrainerCallback
 from slimtune.train.checkpointing import enable_checkpointing
 from slimtune.train.distributed import DistContext, checkpoint_ranks, current, rank_rng
@@ -117,6 +117,9 @@ class Trainer:
     parameters (``weights.safetensors``) instead of an adapter, the fused path (adapter-only) is not applied, and
     the caller saves the trained model (``save_outputs`` writes adapters only).
 
+    ``frozen_adapter``: a saved adapter loaded and kept frozen, the recipe's adapter trained over it on the same
+    modules (``start_from: stacked``; ``slimtune.adapters.export.stack_on``).
+
     ``data``: the training data, when the caller built it (the benchmark's random tokens); otherwise it is built
     from ``recipe.data``. ``loss_fn(model, batch)``: the summed token loss of a micro-batch (default: the chunked
     linear cross-entropy of ``causal_lm_loss_sum``; the benchmark's HF + PEFT baseline passes HF's own loss).
@@ -132,6 +135,7 @@ class Trainer:
     reporter: Reporter = field(default_factory=SilentReporter)
     loaded: LoadedModel | None = None
     init_adapter: Path | None = None
+    frozen_adapter: Path | None = None
     stage: str = "main"
     callbacks: list[TrainerCallback] = field(default_factory=list)
     trainable: Literal["adapter", "model"] = "adapter"
@@ -174,7 +178,8 @@ class Trainer:
             self.adapters = load_native(self.model, self.init_adapter)
         else:
             try:
-                self.adapters = inject(self.model, r.adapter)
+                self.adapters = (inject(self.model, r.adapter) if self.frozen_adapter is None
+                                 else stack_on(self.model, self.frozen_adapter, r.adapter))
             except (ValueError, KeyError) as e:  # a recipe that does not fit this model (targets, layers, rank)
                 msg = str(e).strip("'\"")
                 raise RecipeError(msg if msg.startswith("adapter") else f"adapter: {msg}") from None
@@ -197,6 +202,7 @@ class Trainer:
         if r.train.fused and self.trainable == "adapter":  # the fused ops train adapters on a frozen base
             set_backend(r.train.kernels)
             self.fuse_report = fuse_model(self.model, log=self.reporter.log)
+            self.callbacks.append(KernelChoices())  # `auto` decides per op at first use: say what it chose
         if r.train.grad_checkpointing != "none":
             try:
                 enable_checkpointing(self.model, r.train.grad_checkpointing)
@@ -416,6 +422,7 @@ class Trainer:
             "data": self.data.stats,
             "skipped_steps": self._skipped_steps(),
             "fused": self.fuse_report.lines() if self.fuse_report is not None else None,
+            "kernels": dispatch_report() if self.fuse_report is not None else None,
         }
         for cb in self.callbacks:
             cb.on_train_end(self, summary)
@@ -562,3 +569,22 @@ def save_model_folder(model: nn.Module, tokenizer: Any, out_dir: Path, *, dtype:
 
 def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()  # signal handlers can only be set there
+
+
+class KernelChoices(TrainerCallback):
+    """Logs, once after the first step, every backend `train.kernels: auto` chose for the fused ops and why
+    (measured verdicts, cached ones, forced modes, fall-backs): the choices are made on the first step's inputs."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def on_step_end(self, trainer: Trainer, result: StepResult) -> None:
+        if self.done:
+            return
+        self.done = True
+        mode = trainer.recipe.train.kernels
+        lines = dispatch_report() or [  # nothing measured: a forced mode, or auto off CUDA
+            f"{mode} forced for every op" if mode != "auto" else
+            f"auto on {trainer.device.type}: the torch reference for every op (candidates are measured on CUDA only)"]
+        for line in lines:
+            trainer.reporter.log(f"kernels: {line}")

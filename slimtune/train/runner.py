@@ -18,6 +18,7 @@ from slimtune.train.callbacks import TrainerCallback
 from slimtune.train.distributed import barrier, is_main
 from slimtune.train.evaluation import recipe_callbacks
 from slimtune.train.loop import Trainer
+from slimtune.train.merge import merge_to_folder
 from slimtune.train.report import Reporter, SilentReporter
 from slimtune.train.stages import (
     StageState,
@@ -41,6 +42,17 @@ def _evaluate(trainer: Trainer, recipe: Recipe, base_dir: Path, label: str) -> d
                              device=trainer.device, data=trainer.data, data_cfg=recipe.data)
     trainer.model.train()
     return result
+
+
+def _merged_start(state: StageState, r: Recipe, out: Path, reporter: Reporter) -> Path:
+    """The previous stage's model merged into ``out`` (kept: a re-run finds it), for a ``start_from: merged``."""
+    if (out / "config.json").is_file():
+        return out
+    reporter.log(f"merging {state.adapter} into its base for start_from: merged → {out}")
+    if is_main():
+        merge_to_folder(state.model_config(r.model), Path(state.adapter), out, dtype=r.output.merged_dtype)
+    barrier()
+    return out
 
 
 def run_recipe(
@@ -68,8 +80,11 @@ def run_recipe(
         needs_merged = nxt is not None and nxt.start_from == "merged" and nxt.kind != "merge"
         if needs_merged and not r.output.save_merged:
             r = r.model_copy(update={"output": r.output.model_copy(update={"save_merged": True})})
-        init_adapter = None
+        init_adapter = frozen_adapter = None
         if state is not None and stage.kind == "train" and stage.start_from == "merged":
+            if not state.merged and state.adapter:  # e.g. a shared stage done for a recipe that stacked on it
+                state = StageState(model=state.model, adapter=state.adapter,
+                                   merged=str(_merged_start(state, r, sdir / "start_merged", reporter)))
             if not state.merged:
                 raise SlimtuneError(f"stages.{stage.name}: start_from merged, but no earlier stage wrote a merged "
                                     f"model (add a merge stage, or use start_from: adapter)")
@@ -81,6 +96,18 @@ def run_recipe(
                 raise SlimtuneError(f"stages.{stage.name}: start_from adapter, but the previous stage left none")
             r = r.model_copy(update={"model": state.model_config(r.model)})
             init_adapter = Path(state.adapter)
+        elif state is not None and stage.kind == "train" and stage.start_from == "stacked":
+            if not state.adapter:
+                raise SlimtuneError(f"stages.{stage.name}: start_from stacked, but the previous stage left no adapter")
+            if r.adapter.kind == "full":
+                raise SlimtuneError(f"stages.{stage.name}: start_from stacked needs an adapter stage (adapter.kind "
+                                    f"full trains the weights themselves: use start_from: merged)")
+            kinds = {r.adapter.kind, json.loads((Path(state.adapter) / "slimtune_adapter.json").read_text())["kind"]}
+            if "dora" in kinds and r.output.export_peft:
+                raise SlimtuneError(f"stages.{stage.name}: a DoRA adapter stacked on another has no PEFT form: set "
+                                    f"output.export_peft: false, or use start_from: merged")
+            r = r.model_copy(update={"model": state.model_config(r.model)})
+            frozen_adapter = Path(state.adapter)
         done = sdir / SUMMARY
         if stage.kind != "train" and not is_main():
             barrier()  # torchrun: rank 0 runs the stage (below) and writes its summary; this rank reads it
@@ -121,7 +148,7 @@ def run_recipe(
             )
         reporter.log(f"stage {stage.name} ({i + 1}/{len(stages)})")
         trainer = Trainer(r, run_dir=sdir, base_dir=base_dir, reporter=reporter, init_adapter=init_adapter,
-                          stage=stage.name,
+                          frozen_adapter=frozen_adapter, stage=stage.name,
                           callbacks=list(callbacks or []) + (recipe_callbacks(r) if is_main() else []))
         trainer.setup()
         resumed = False

@@ -103,7 +103,12 @@ def test_sardinian_smoke_end_to_end(tmp_path, tiny):
     assert list(report) == ["before cpt", "after cpt", "before sft", "after sft"]
     assert {"BLEU/en→sc", "chrF/en→sc", "BLEU/sc→en", "chrF/sc→en", "perplexity/flores-srd",
             "perplexity/holdout:sardinian"} <= set(report["after cpt"]["metrics"])
-    assert (tmp_path / "sardinian_cpt" / "merged" / "config.json").is_file()  # the shared CPT folder
+    # SFT is stacked on the shared CPT folder's adapter (start_from: stacked), which the merged SFT ends with
+    sft = json.loads((tmp_path / "sardinian_rslora" / "stages" / "sft" / "adapter_native" / "slimtune_adapter.json")
+                     .read_text())
+    assert sft["stacked_on"] == str((tmp_path / "sardinian_cpt" / "adapter_native").resolve())
+    ppl = "perplexity/flores-srd"
+    assert report["before sft"]["metrics"][ppl] == report["after cpt"]["metrics"][ppl]  # exact chaining
 
 
 def test_dutch_tokenswap_smoke_through_the_cli(tmp_path, tiny):

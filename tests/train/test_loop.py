@@ -109,3 +109,16 @@ def test_resume_refuses_changed_recipe(tmp_path):
     t2 = trainer(tmp_path, changed)
     with pytest.raises(RecipeError, match="train.micro_batch"):
         t2.resume()
+
+
+def test_fused_run_reports_the_kernel_choices(tmp_path):
+    """The fuse report is followed, after the first step, by what `train.kernels` chose for the fused ops."""
+    r = make_recipe(tmp_path, records=2, steps=2, fused=True)
+    logged: list[str] = []
+    t = Trainer(r, run_dir=tmp_path / "run", loaded=make_loaded())
+    t.reporter.log = logged.append
+    t.setup()
+    summary = t.train()
+    kernels = [line for line in logged if line.startswith("kernels: ")]
+    assert kernels == ["kernels: auto on cpu: the torch reference for every op (candidates are measured on CUDA only)"]
+    assert summary["kernels"] == [] and summary["fused"]
