@@ -28,6 +28,14 @@ app = typer.Typer(
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def command_group(name: str, help: str) -> typer.Typer:
+    """A group of subcommands (`slimtune <name> ...`) with the app's settings, registered on `app`."""
+    group = typer.Typer(name=name, help=help, no_args_is_help=True, add_completion=False,
+                        pretty_exceptions_enable=False, rich_markup_mode=None)
+    app.add_typer(group, name=name)
+    return group
 console = Console()
 err_console = Console(stderr=True)
 # Exit code of a run stopped by SIGINT/SIGTERM after saving its checkpoint (128 + SIGINT, as shells report Ctrl-C).

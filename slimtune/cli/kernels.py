@@ -11,18 +11,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.markup import escape
 from rich.table import Table
 
-from slimtune.cli.app import app, console, err_console, guarded
+from slimtune.cli.app import command_group, console, err_console, guarded
 
-kernels_app = typer.Typer(
-    name="kernels",
-    help="The fused kernels: compile them for GPUs you do not have (registers, spills, shared memory), and list "
+kernels_app = command_group(
+    "kernels",
+    "The fused kernels: compile them for GPUs you do not have (registers, spills, shared memory), and list "
     "the backends `train.kernels: auto` measured on this machine.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
 )
-app.add_typer(kernels_app, name="kernels")
 
 
 @kernels_app.command("compile")

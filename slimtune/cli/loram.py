@@ -7,19 +7,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from slimtune.cli.app import RichReporter, app, console, guarded
+from slimtune.cli.app import RichReporter, command_group, console, guarded
 
 
-loram_app = typer.Typer(
-    name="loram",
-    help="LoRAM steps on their own: prune a base, recover an adapter trained on the pruned model. A recipe with a "
+loram_app = command_group(
+    "loram",
+    "LoRAM steps on their own: prune a base, recover an adapter trained on the pruned model. A recipe with a "
     "`loram:` section runs the whole pipeline with `slimtune run`.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
 )
-app.add_typer(loram_app, name="loram")
 
 
 @loram_app.command("prune")

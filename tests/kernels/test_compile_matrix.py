@@ -66,3 +66,19 @@ def test_shared_memory_limit_is_enforced():
     sm86, sm90 = json.loads(r.stdout.strip().splitlines()[-1])
     assert not sm86["ok"] and "KiB > 99 KiB" in sm86["error"] and sm86["shared_bytes"] > 99 * 1024
     assert sm90["ok"] and 99 * 1024 < sm90["shared_bytes"] <= 227 * 1024  # fits H100, not an RTX 30xx/40xx
+
+
+def test_kernels_compile_command_reports_the_same_table(rows):
+    """`slimtune kernels compile --json` prints the matrix (kernel x arch, registers, spills, shared memory)."""
+    from typer.testing import CliRunner
+
+    from slimtune.cli import app
+
+    res = CliRunner().invoke(app, ["kernels", "compile", "--arch", "sm_86", "--json"])
+    assert res.exit_code == 0, res.output
+    table = json.loads(res.output)
+    assert {r["arch"] for r in table} == {"sm_86"} and all(r["ok"] for r in table)
+    want = {(r["kernel"], r["registers"], r["shared_bytes"]) for r in rows if r["arch"] == "sm_86"}
+    assert {(r["kernel"], r["registers"], r["shared_bytes"]) for r in table} == want
+    bad = CliRunner().invoke(app, ["kernels", "compile", "--arch", "sm_61"])
+    assert bad.exit_code == 2 and "Traceback" not in bad.output
