@@ -75,6 +75,10 @@ class TrainConfig(BaseModel):
     log_every: int = Field(1, gt=0)
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """A non-finite loss or gradient stops the run (keeping the last good checkpoint) or skips that step."""
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    """Several processes (torchrun, ``slimtune run --nproc N``): ddp keeps the whole base on every rank and
+    all-reduces the adapter gradients; fsdp shards the 4-bit base, the adapters and their optimizer state over the
+    ranks (torch FSDP2, slimtune.train.fsdp), for a base that does not fit one card. One process: no effect."""
     eval_every: int = Field(0, ge=0)
     """Validation loss and perplexity every N optimizer steps on the records `data.val_split` keeps out (and at
     the end); 0: never during training."""
@@ -98,6 +102,18 @@ class TrainConfig(BaseModel):
     def _keep_best(self) -> TrainConfig:
         if self.keep_best and not self.eval_every:
             raise ValueError("keep_best: needs train.eval_every (and data.val_split)")
+        return self
+
+    @model_validator(mode="after")
+    def _fsdp(self) -> TrainConfig:
+        if self.distributed != "fsdp":
+            return self
+        if self.optimizer != "adamw":
+            raise ValueError(f"distributed: fsdp steps sharded tensors with torch AdamW; optimizer {self.optimizer} "
+                             "(bitsandbytes) is not built for them: use optimizer: adamw, or distributed: ddp")
+        if self.adapter_dtype != "float32" or self.optimizer_on != "device":
+            raise ValueError("distributed: fsdp keeps fp32 adapters and their optimizer state sharded on the "
+                             "devices; adapter_dtype: bfloat16 and optimizer_on: cpu are for ddp or one process")
         return self
 
 
@@ -273,9 +289,13 @@ class Recipe(BaseModel):
         if self.stages and self.stages[0].kind == "merge":
             raise ValueError("stages.0.kind: a merge stage needs a previous stage that trained an adapter")
         for st, r in self.resolved_stages():
+            where = f"stages.{self.stages.index(st)}." if self.stages else ""
+            if st.kind == "train" and r.train.distributed == "fsdp" and (r.adapter.kind == "full" or self.loram):
+                what = "LoRAM (its pruned model is small)" if self.loram else "full fine-tuning (adapter.kind full)"
+                raise ValueError(f"{where}train.distributed: fsdp shards a frozen base under adapters; {what} runs "
+                                 f"with train.distributed: ddp")
             if (st.kind == "train" and r.train.eval_every and r.data is not None and not r.data.holdout
                     and not r.data.eval_sources):
-                where = f"stages.{self.stages.index(st)}." if self.stages else ""
                 raise ValueError(f"{where}train.eval_every: needs validation records: set data.val_split (a "
                                  "fraction such as 0.05, or a count) or data.eval_sources")
         return self

@@ -66,6 +66,10 @@ class QuantConfig(BaseModel):
     blocksize: Literal[32, 64, 128, 256, 512, 1024, 2048, 4096] = Field(
         64, description="Values per absmax block (the sizes bitsandbytes supports).")
     quantize_lm_head: bool = Field(False, description="Store lm_head in 4-bit too.")
+    quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="The dtype the packed 4-bit bytes are stored as (the same bytes either way): auto = "
+        "uint8, or the compute dtype under train.distributed: fsdp, so that FSDP all-gathers a layer's base "
+        "weights, norms and adapter in one dtype (bitsandbytes' quant_storage).")
 
 
 def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
@@ -208,6 +212,38 @@ def quantize_linears(
             q.bias = nn.Parameter(module.bias.detach().to(device, compute_dtype), requires_grad=False)
         set_module(model, name, q)
         del module
+        count += 1
+    return count
+
+
+def quant_storage_dtype(quant_cfg: QuantConfig, compute_dtype: torch.dtype, *, sharded: bool) -> torch.dtype:
+    """``quant.quant_storage`` resolved: ``auto`` is the compute dtype for an FSDP-sharded base, else uint8."""
+    if quant_cfg.quant_storage == "auto":
+        return compute_dtype if sharded and quant_cfg.mode != "none" else torch.uint8
+    return torch.uint8 if quant_cfg.quant_storage == "uint8" else DTYPES[quant_cfg.quant_storage]
+
+
+def set_quant_storage(model: nn.Module, dtype: torch.dtype) -> int:
+    """View the packed bytes of every 4-bit weight as ``dtype`` (no copy; bitsandbytes reads any storage dtype).
+
+    Returns how many weights were changed. A weight whose byte count ``dtype`` does not divide stays as it is.
+    """
+    import bitsandbytes as bnb
+
+    count = 0
+    size = torch.empty((), dtype=dtype).element_size()
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if not isinstance(module, bnb.nn.Linear4bit) or not isinstance(w, bnb.nn.Params4bit) or w.dtype == dtype:
+            continue
+        flat = w.data.reshape(-1).view(torch.uint8)
+        if flat.numel() % size:
+            continue
+        module.weight = bnb.nn.Params4bit(
+            flat.view(dtype).reshape(-1, 1), requires_grad=False, quant_state=w.quant_state, blocksize=w.blocksize,
+            compress_statistics=w.compress_statistics, quant_type=w.quant_type, quant_storage=dtype,
+            bnb_quantized=True, module=module)
+        module.quant_storage = dtype
         count += 1
     return count
 

@@ -30,6 +30,8 @@ which execs it). What changes against one process:
   rank dies, torchrun stops the others, and ``--resume`` continues from the last complete checkpoint. A failed
   collective is one error line (exit code 5), not a traceback.
 - **Backends.** NCCL on CUDA (each rank on ``cuda:LOCAL_RANK``), gloo on the CPU.
+- **Sharded** (``train.distributed: fsdp``): the same batch, loss, stop and file rules, with FSDP2 instead of the
+  DDP reducer: the base and the adapters are sharded over the ranks (``slimtune.train.fsdp``).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from torch.nn.parallel import DistributedDataParallel
 from slimtune.adapters.base import Adapter
 from slimtune.data.dataset import count_target_tokens
 from slimtune.errors import SlimtuneError
+from slimtune.train import fsdp
 from slimtune.train.callbacks import TrainerCallback
 from slimtune.train.state import rng_state
 
@@ -98,12 +101,19 @@ class DistContext:
     world: int
     local_rank: int
     backend: str
+    mode: str = "ddp"  # train.distributed of the stage being trained: "ddp" | "fsdp"
     ddp: DistributedDataParallel | None = None
     _loss_fn: Any = field(default=None, repr=False)
+    _model: nn.Module | None = field(default=None, repr=False)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP: the model is sharded over the ranks, so every forward (evaluation too) is a collective."""
+        return self.mode == "fsdp"
 
     @property
     def comm_device(self) -> torch.device:
@@ -145,19 +155,55 @@ class DistContext:
 
     def grad_sync(self, last: bool) -> contextlib.AbstractContextManager:
         """Around a micro-batch's forward and backward: ``no_sync`` unless it is the step's last micro-batch."""
+        if self.sharded:
+            fsdp.set_gradient_sync(self._model, last)
+            return contextlib.nullcontext()
         if self.ddp is None or last:
             return contextlib.nullcontext()
         return self.ddp.no_sync()
 
+    # ---------------------------------------------------------------------------------- whole tensors (FSDP)
+    def full_weights(self, *, write_back: bool = False) -> contextlib.AbstractContextManager:
+        """FSDP: the adapter whole on every rank inside (a collective; ``fsdp.full_parameters``). DDP: nothing."""
+        if not self.sharded:
+            return contextlib.nullcontext()
+        return fsdp.full_parameters(self._model, write_back=write_back)
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The optimizer state in the one-process format (FSDP: gathered, a collective)."""
+        return fsdp.full_optimizer_state(optimizer) if self.sharded else optimizer.state_dict()
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        optimizer.load_state_dict(fsdp.shard_optimizer_state(state, optimizer) if self.sharded else state)
+
     # ---------------------------------------------------------------------------------- set-up
-    def setup(self, trainer: Trainer) -> None:
-        """After the trainer's set-up: same trainable values on every rank, the reducer, per-rank dropout RNG."""
-        params = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
+    def prepare(self, trainer: Trainer) -> None:
+        """Before the optimizer exists: the same trainable values on every rank; FSDP: the model sharded."""
+        self.mode = trainer.recipe.train.distributed
+        self._model = trainer.model
         with torch.no_grad():
-            for _, p in params:  # one-time; the 4-bit base is loaded by every rank, never sent
+            for p in (p for p in trainer.model.parameters() if p.requires_grad):  # the base is never sent
                 buf = p.detach().to(self.comm_device, copy=True)
                 dist.broadcast(buf, src=0)
                 p.copy_(buf.to(p.device))
+        if self.sharded:
+            fsdp.check_adapters(trainer.adapters)
+            fsdp.shard_model(trainer.model, self.comm_device, self.world,
+                             embeddings_on_host=trainer.recipe.train.embeddings_on == "cpu")
+
+    def setup(self, trainer: Trainer) -> None:
+        """After the trainer's set-up: the reducer (DDP; FSDP reduces in its own hooks), per-rank dropout RNG, the
+        agreed stop."""
+        if not self.sharded:
+            self._setup_ddp(trainer)
+        if self.rank > 0:  # rank 0 keeps the stream of a 1-process run; the others draw their own dropout masks
+            torch.manual_seed(trainer.recipe.train.seed * 1_000_003 + self.rank)
+        stop = _AgreeOnStop(self)
+        trainer.request_stop = stop.request  # the signal handler train() installs: a request, agreed on below
+        trainer.callbacks.append(stop)
+
+    def _setup_ddp(self, trainer: Trainer) -> None:
+        params = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
         module = _LossModule(trainer.model, trainer.loss_fn)
         trainable = {f"model.{n}" for n, _ in params}
         ignored = [n for n, _ in module.named_parameters() if n not in trainable]
@@ -174,11 +220,6 @@ class DistContext:
         self.ddp.register_comm_hook(None, _sum_hook)
         self._loss_fn = trainer.loss_fn
         trainer.loss_fn = self._ddp_loss
-        if self.rank > 0:  # rank 0 keeps the stream of a 1-process run; the others draw their own dropout masks
-            torch.manual_seed(trainer.recipe.train.seed * 1_000_003 + self.rank)
-        stop = _AgreeOnStop(self)
-        trainer.request_stop = stop.request  # the signal handler train() installs: a request, agreed on below
-        trainer.callbacks.append(stop)
 
     def _ddp_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if not torch.is_grad_enabled():  # evaluation on one rank: no reducer, no collective

@@ -12,6 +12,7 @@ training: assistant tokens for chat/instruction), perplexity = exp(loss).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
@@ -29,8 +30,9 @@ BEST_DIR = "best_adapter"
 class EvaluateDuringTraining(TrainerCallback):
     """Validation every `every` steps (see the module docstring); `loggers` receive val/loss and val/ppl."""
 
-    def __init__(self, every: int, *, keep_best: bool = False, loggers: MetricLoggers | None = None) -> None:
-        self.every, self.keep_best, self.loggers = every, keep_best, loggers
+    def __init__(self, every: int, *, keep_best: bool = False, loggers: MetricLoggers | None = None,
+                 writes: bool = True) -> None:
+        self.every, self.keep_best, self.loggers, self.writes = every, keep_best, loggers, writes
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
 
@@ -42,7 +44,8 @@ class EvaluateDuringTraining(TrainerCallback):
         path = trainer.run_dir / VAL_FILE
         rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
         rows = [r for r in rows if r.get("step", 0) <= trainer.pos.step]  # a resumed run keeps its earlier rows
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if self.writes:
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         self.history = rows
         self.best = min(rows, key=lambda r: r["val_loss"]) if rows else None
 
@@ -55,31 +58,42 @@ class EvaluateDuringTraining(TrainerCallback):
         row = {"step": result.step, "val_loss": v["loss"], "val_ppl": v["ppl"], "val_tokens": v["tokens"],
                "train_loss": result.loss}
         self.history.append(row)
-        with open(trainer.run_dir / VAL_FILE, "a") as f:
-            f.write(json.dumps(row) + "\n")
         improved = self.best is None or v["loss"] < self.best["val_loss"]
-        trainer.reporter.log(f"step {result.step}: val loss {v['loss']:.4f}, ppl {v['ppl']:.2f} "
-                             f"({v['tokens']} tokens){' (best)' if improved and self.keep_best else ''}")
-        if self.loggers is not None:
-            self.loggers.log({"val/loss": v["loss"], "val/ppl": v["ppl"]}, result.step)
         if improved:
             self.best = row
-            if self.keep_best:
-                out = trainer.run_dir / BEST_DIR
-                export_peft(trainer.model, out, base_model_name_or_path=peft_base_name(trainer.recipe.model.name),
-                            tokenizer=trainer.tokenizer, metadata={"base_model": trainer.recipe.model.name,
-                                                                   "step": result.step, "val_loss": v["loss"]})
+        with trainer.full_weights() if improved and self.keep_best else contextlib.nullcontext():  # FSDP: gathered
+            if self.writes:
+                self._write(trainer, row, v, improved)
+
+    def _write(self, trainer, row: dict[str, Any], v: dict[str, Any], improved: bool) -> None:
+        """The row, the log line, the loggers and (``keep_best``, improved) the best adapter: rank 0's part."""
+        result_step = row["step"]
+        with open(trainer.run_dir / VAL_FILE, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        trainer.reporter.log(f"step {result_step}: val loss {v['loss']:.4f}, ppl {v['ppl']:.2f} "
+                             f"({v['tokens']} tokens){' (best)' if improved and self.keep_best else ''}")
+        if self.loggers is not None:
+            self.loggers.log({"val/loss": v["loss"], "val/ppl": v["ppl"]}, result_step)
+        if improved and self.keep_best:
+            out = trainer.run_dir / BEST_DIR
+            export_peft(trainer.model, out, base_model_name_or_path=peft_base_name(trainer.recipe.model.name),
+                        tokenizer=trainer.tokenizer, metadata={"base_model": trainer.recipe.model.name,
+                                                               "step": result_step, "val_loss": v["loss"]})
 
     def on_train_end(self, trainer, summary) -> None:
         summary["val"] = {"last": self.history[-1] if self.history else None, "best": self.best,
                           "best_adapter": str(trainer.run_dir / BEST_DIR) if self.keep_best and self.best else None}
 
 
-def recipe_callbacks(recipe) -> list[TrainerCallback]:
-    """The callbacks a recipe's `train` section asks for: metric loggers, then evaluation during training."""
+def recipe_callbacks(recipe, *, writes: bool = True) -> list[TrainerCallback]:
+    """The callbacks a recipe's `train` section asks for: metric loggers, then evaluation during training.
+
+    ``writes=False`` (an FSDP rank other than 0): the evaluation alone, which every rank of a sharded model runs
+    together; no loggers, no files.
+    """
     t = recipe.train
-    loggers = MetricLoggers(t.report_to) if [n for n in t.report_to if n != "jsonl"] else None
+    loggers = MetricLoggers(t.report_to) if writes and [n for n in t.report_to if n != "jsonl"] else None
     out: list[TrainerCallback] = [loggers] if loggers is not None else []
     if t.eval_every:
-        out.append(EvaluateDuringTraining(t.eval_every, keep_best=t.keep_best, loggers=loggers))
+        out.append(EvaluateDuringTraining(t.eval_every, keep_best=t.keep_best, loggers=loggers, writes=writes))
     return out

@@ -35,11 +35,13 @@ from slimtune.errors import RecipeError, SlimtuneError
 from slimtune.export.run import export_adapter_gguf
 from slimtune.models.fused import causal_lm_loss, fuse_model
 from slimtune.models.embeddings import embeddings_to_host
-from slimtune.models.load import DTYPES, LoadedModel, load_model, peft_base_name
+from slimtune.models.load import (DTYPES, LoadedModel, load_model, peft_base_name, quant_storage_dtype,
+                                  set_quant_storage)
 from slimtune.ops.dispatch import dispatch_report, set_backend
 from slimtune.train.callbacks import TrainerCallback
 from slimtune.train.checkpointing import enable_checkpointing
 from slimtune.train.distributed import DistContext, checkpoint_ranks, current, rank_rng
+from slimtune.train.fsdp import full_value
 from slimtune.train.merge import CHAT_TEMPLATE_FILE, make_saveable, merge_to_folder
 from slimtune.train.oom import oom_guard
 from slimtune.train.optim import build_optimizer, build_scheduler, drop_frozen
@@ -164,6 +166,10 @@ class Trainer:
                 quant = quant.model_copy(update={"mode": "none"})
             self.loaded = load_model(r.model, quant, device=r.train.device)
         self.model, self.tokenizer, self.device = self.loaded.model, self.loaded.tokenizer, self.loaded.device
+        storage = quant_storage_dtype(r.quant, self.loaded.compute_dtype, sharded=self.sharded)
+        if storage != torch.uint8:  # the same packed bytes, viewed as another dtype (FSDP: one all-gather dtype)
+            n = set_quant_storage(self.model, storage)
+            self.reporter.log(f"quant.quant_storage: {n} 4-bit weights stored as {str(storage).removeprefix('torch.')}")
         if r.adapter.kind == "full" and self.trainable == "adapter":  # full fine-tuning: the "model" path below
             try:
                 select_trainable(self.model, r.adapter)
@@ -216,6 +222,8 @@ class Trainer:
         self.total_steps = r.train.steps or max(
             1, math.ceil(r.train.epochs * self.batches_per_epoch / r.train.grad_accum)
         )
+        if self.dist is not None:  # torchrun: one set of trainable values; fsdp: the model sharded (before the optimizer)
+            self.dist.prepare(self)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(params, r.train)
         self.scheduler = build_scheduler(self.optimizer, r.train, self.total_steps)
@@ -229,6 +237,16 @@ class Trainer:
     def _global_micro_batch(self) -> int:
         """Examples per micro-step over all ranks (``micro_batch`` when running alone)."""
         return self.recipe.train.micro_batch * (1 if self.dist is None else self.dist.world)
+
+    @property
+    def sharded(self) -> bool:
+        """``train.distributed: fsdp`` under torchrun: the model is sharded; its forward is a collective."""
+        return self.dist is not None and self.recipe.train.distributed == "fsdp"
+
+    def full_weights(self, *, write_back: bool = False) -> contextlib.AbstractContextManager:
+        """Inside, the adapter is whole in the model on every rank (FSDP: gathered, a collective that every rank
+        enters; otherwise nothing happens). ``write_back``: what is loaded into it then goes back to the shards."""
+        return self.dist.full_weights(write_back=write_back) if self.dist is not None else contextlib.nullcontext()
 
     @property
     def _writes(self) -> bool:
@@ -257,7 +275,8 @@ class Trainer:
             raise SlimtuneError(f"--resume {ckpt}: unreadable recipe.json ({e})") from None
         check_resume_compatible(saved_recipe, self.recipe.model_dump(mode="json"), where=str(ckpt))
         try:
-            self._load_weights(ckpt)
+            with self.full_weights(write_back=True):  # FSDP: every rank reads the whole adapter, keeps its shard
+                self._load_weights(ckpt)
             state = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=False)
         except Exception as e:  # a damaged file: one line naming it, not a traceback
             raise SlimtuneError(f"--resume {ckpt}: cannot read the checkpoint ({type(e).__name__}: {e})") from None
@@ -268,7 +287,10 @@ class Trainer:
             a.on_step(state["step"], self.total_steps)
         if any(not p.requires_grad for g in self.optimizer.param_groups for p in g["params"]):
             drop_frozen(self.optimizer)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.dist is not None:
+            self.dist.load_optimizer_state(self.optimizer, state["optimizer"])  # FSDP: this rank's shard of it
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(rank_rng(state, self.dist, where=str(ckpt)))  # this rank's RNG
         self.pos = Position(**state["position"])
@@ -334,9 +356,9 @@ class Trainer:
         r = self.recipe.train
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if r.max_grad_norm > 0:
-            gnorm = float(torch.nn.utils.clip_grad_norm_(params, r.max_grad_norm))
+            gnorm = float(full_value(torch.nn.utils.clip_grad_norm_(params, r.max_grad_norm)))  # FSDP: global norm
         else:
-            grads = [p.grad.float().norm() for p in params if p.grad is not None]
+            grads = [full_value(p.grad.float().norm()) for p in params if p.grad is not None]
             gnorm = float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
         loss = float(total) / max(n_target, 1)
         lr = self.optimizer.param_groups[0]["lr"] if self.optimizer.param_groups else 0.0
@@ -466,9 +488,15 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         ranks = checkpoint_ranks(self.dist)  # world size and every rank's RNG (torchrun: a collective, all ranks)
-        if not self._writes:  # rank 0 writes the checkpoint
-            self._saved_step = self.pos.step
-            return self.ckpt_root / f"step-{self.pos.step:08d}"
+        optimizer = self.optimizer.state_dict() if self.dist is None else self.dist.optimizer_state(self.optimizer)
+        with self.full_weights():  # FSDP: the adapter whole on every rank (a collective), written by rank 0
+            if not self._writes:  # rank 0 writes the checkpoint
+                self._saved_step = self.pos.step
+                return self.ckpt_root / f"step-{self.pos.step:08d}"
+            return self._write_checkpoint(ranks, optimizer)
+
+    def _write_checkpoint(self, ranks: dict[str, Any], optimizer: dict[str, Any]) -> Path:
+        """Rank 0 (or the only process): the checkpoint folder, written whole or not at all."""
 
         def writer(tmp: Path) -> None:
             self._save_weights(tmp)
@@ -478,7 +506,7 @@ class Trainer:
                 {
                     "step": self.pos.step,
                     "position": vars(self.pos).copy(),
-                    "optimizer": self.optimizer.state_dict(),
+                    "optimizer": optimizer,
                     "scheduler": self.scheduler.state_dict(),
                     "rng": rng_state(),
                     **ranks,

@@ -148,17 +148,19 @@ def run_recipe(
             )
         reporter.log(f"stage {stage.name} ({i + 1}/{len(stages)})")
         trainer = Trainer(r, run_dir=sdir, base_dir=base_dir, reporter=reporter, init_adapter=init_adapter,
-                          frozen_adapter=frozen_adapter, stage=stage.name,
-                          callbacks=list(callbacks or []) + (recipe_callbacks(r) if is_main() else []))
+                          frozen_adapter=frozen_adapter, stage=stage.name, callbacks=list(callbacks or []))
+        # torchrun: rank 0 logs and evaluates; FSDP: every rank evaluates (a collective forward), rank 0 writes
+        evaluates = is_main() or trainer.sharded
+        trainer.callbacks += recipe_callbacks(r, writes=is_main()) if evaluates else []
         trainer.setup()
         resumed = False
         if resume:
             resumed = trainer.resume(None if resume is True else Path(resume))
         stage_evals: dict[str, Any] = {}
         before_file = sdir / "eval_before.json"  # kept so that a resumed stage still reports its "before"
-        if not resumed and trainer.pos.step == 0 and is_main():  # torchrun: rank 0 evaluates
+        if not resumed and trainer.pos.step == 0 and evaluates:
             before = _evaluate(trainer, r, base_dir, f"before {stage.name}" if len(stages) > 1 else "before")
-            if before is not None:
+            if before is not None and is_main():
                 stage_evals[before["label"]] = before
                 sdir.mkdir(parents=True, exist_ok=True)
                 before_file.write_text(json.dumps(before, indent=2, default=str))
@@ -173,6 +175,10 @@ def run_recipe(
             trainer.cleanup()
             return {"stages": summaries + [summary], "interrupted": True, "run_dir": str(run_dir)}
         if not is_main():  # torchrun: rank 0 evaluates, saves the outputs and the stage summary; this rank reads them
+            if trainer.sharded:  # FSDP: this rank takes part in the evaluation and in gathering the adapter
+                _evaluate(trainer, r, base_dir, "")
+                with trainer.full_weights():
+                    pass
             trainer.cleanup()
             barrier()
             summary = json.loads(done.read_text())
@@ -182,7 +188,8 @@ def run_recipe(
         after = _evaluate(trainer, r, base_dir, f"after {stage.name}" if len(stages) > 1 else "after")
         if after is not None:
             stage_evals[after["label"]] = after
-        summary["outputs"] = trainer.save_outputs()
+        with trainer.full_weights():  # FSDP: the adapter gathered on every rank (a collective); else nothing
+            summary["outputs"] = trainer.save_outputs()
         summary["eval"] = stage_evals
         summary["tokens_per_source"] = tokens_per_source(summary.get("data"))
         summary["fingerprint"] = fingerprint(stage, r)

@@ -15,8 +15,14 @@ slimtune.train.distributed), which the equality covers. Every write under the ru
 hook (a sitecustomize on PYTHONPATH) in each worker: rank 0 wrote, rank 1 never did (Python-level opens, mkdir,
 rename, remove; torch.save and safetensors open files natively, inside the same rank-0-only writer).
 
+FSDP (`train.distributed: fsdp`): the same recipe with evaluation every 4 steps, on 2 ranks under DDP and under
+FSDP (killed after step 5, resumed from the gathered step-4 checkpoint), against the 1-process run: per-step
+losses and validation losses equal, the FSDP adapter equal to the DDP one, the gathered AdamW state equal to the
+1-process state, rank 1 writes nothing.
+
 Also: a LoRAM recipe (prune, align, train, recover, merge, evaluate) on 2 ranks equals its 1-process run; the
-estimator's --nproc figures; the per-rank sharding of a global batch and the torchrun command line.
+estimator's --nproc figures; the per-rank sharding of a global batch and the torchrun command line; what FSDP
+refuses.
 """
 
 from __future__ import annotations
@@ -329,3 +335,106 @@ def test_loram_pipeline_on_two_ranks_equals_one(tmp_path, tiny4_dir, rel):
     assert worst <= 1e-6, worst
     assert (two / "merged").is_dir() and (two / "eval.md").is_file()
     print(f"\nLoRAM on 2 ranks vs 1: max |Δ recovered adapter| {worst:.2e}")
+
+
+# ---------------------------------------------------------------------------------------- FSDP (train.distributed)
+def fsdp_recipe(rel, model_dir: Path, run_dir: Path, micro_batch: int, distributed: str) -> dict:
+    """dp_recipe with evaluation during training (1 held-out record) and a checkpoint every 4 steps."""
+    r = dp_recipe(rel, model_dir, run_dir, micro_batch)
+    r["data"]["sources"][0]["max_records"] = 3
+    r["data"]["holdout"] = 1
+    r["train"].update({"distributed": distributed, "eval_every": 4, "save_every": 4})
+    return r
+
+
+def val_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run_dir / "val_metrics.jsonl").read_text().splitlines() if ln.strip()]
+
+
+@pytest.mark.slow
+def test_fsdp_equals_ddp_and_one_rank_survives_sigkill_and_resumes_exactly(tmp_path, tiny_model_dir, rel):
+    """FSDP2 (sharded nf4 base stored as fp32, sharded LoRA and AdamW state) on 2 ranks × micro_batch 2: the same
+    per-step losses, validation losses and final adapter as DDP on 2 ranks and as 1 process × micro_batch 4; a
+    SIGKILL of rank 1 ends the job, ``--resume`` continues from the gathered checkpoint; rank 1 writes nothing."""
+    runs = {k: tmp_path / k for k in ("ref", "ddp", "fsdp")}
+    recipes = {k: rel.write_recipe(tmp_path / f"{k}.yaml", fsdp_recipe(
+        rel, tiny_model_dir, d, 4 if k == "ref" else 2, "fsdp" if k == "fsdp" else "ddp")) for k, d in runs.items()}
+    res = rel.invoke(["run", str(recipes["ref"]), "--quiet"], env=rel.env)
+    assert res.exit_code == 0, res.output
+    ref = metric_rows(runs["ref"])
+    assert len(ref) == STEPS and len(val_rows(runs["ref"])) == 3
+    n = json.loads((runs["ref"] / "run_summary.json").read_text())["stages"][0]["data"]["examples"]
+    assert n % 4 == 2 and n // 4 + 1 <= 2 * STEPS, n  # rank 1 trains the padded stand-in of the last global batch
+
+    site, logs = tmp_path / "site", tmp_path / "writes"
+    site.mkdir()
+    logs.mkdir()
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    env = {**os.environ, **rel.env, "SLIMTUNE_DIST_TIMEOUT": "30", "PYTHONPATH": str(site),
+           "SLIMTUNE_TEST_WATCH": str(runs["fsdp"]), "SLIMTUNE_TEST_WATCH_LOG": str(logs)}
+    env.pop("SLIMTUNE_FAULT", None)
+
+    out, err = Torchrun(recipes["ddp"], env, tmp_path).start("-q").communicate(timeout=180)
+    assert metric_rows(runs["ddp"]) and len(metric_rows(runs["ddp"])) == STEPS, (out, err[-4000:])
+
+    tr = Torchrun(recipes["fsdp"], env, tmp_path)
+    proc = tr.start("-q")
+    rank1 = worker(proc, 1)
+    wait_for_step(proc, runs["fsdp"], 5)  # past the step-4 checkpoint
+    os.kill(rank1.pid, signal.SIGKILL)
+    try:
+        proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("torchrun did not end within 90 s of a rank's SIGKILL")
+    assert proc.returncode != 0
+    assert [c.name for c in list_checkpoints(runs["fsdp"] / "checkpoints")] == ["step-00000004"]
+    proc = tr.start("--resume", "latest")
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, (out, err[-4000:])
+    flat = "".join(out.split())
+    assert "resumedfrom" in flat and "4-bitweightsstoredasfloat32" in flat, out  # quant_storage auto, fp32 here
+
+    for k in ("ddp", "fsdp"):
+        assert len(metric_rows(runs[k])) == STEPS, k
+        assert_rows_match(metric_rows(runs[k]), ref, k)
+        for g, r in zip(val_rows(runs[k]), val_rows(runs["ref"]), strict=True):  # every rank evaluated together
+            assert g["step"] == r["step"] and abs(g["val_loss"] - r["val_loss"]) <= RTOL * r["val_loss"], (k, g, r)
+    a, b, c = (adapter_tensors(runs[k]) for k in ("fsdp", "ddp", "ref"))
+    assert a.keys() == b.keys() == c.keys()
+    vs_ddp = max(float((a[k] - b[k]).abs().max()) for k in a)
+    vs_one = max(float((a[k] - c[k]).abs().max()) for k in a)
+    assert vs_ddp <= 1e-6 and vs_one <= 1e-6, (vs_ddp, vs_one)
+
+    # The step-8 checkpoint (written after the resume) holds the whole AdamW state, equal to the 1-process one.
+    opt = [torch.load(d / "checkpoints" / "step-00000008" / "trainer.pt", map_location="cpu",
+                      weights_only=False)["optimizer"]["state"] for d in (runs["fsdp"], runs["ref"])]
+    assert opt[0].keys() == opt[1].keys() and opt[0]
+    worst_state = max(float((s[n] - opt[1][k][n]).abs().max() / (opt[1][k][n].abs().max() + 1e-12))
+                      for k, s in opt[0].items() for n in ("exp_avg", "exp_avg_sq"))
+    assert worst_state <= 1e-5, worst_state
+    assert any("metrics.jsonl" in w for w in rank_writes(logs, 0)), rank_writes(logs, 0)[:5]
+    assert rank_writes(logs, 1) == [], rank_writes(logs, 1)[:10]
+    print(f"\nFSDP 2 ranks vs DDP 2 ranks: max |Δ adapter| {vs_ddp:.2e}; vs 1 rank: {vs_one:.2e}; "
+          f"AdamW state at step 8: max rel Δ {worst_state:.2e}")
+
+
+def test_fsdp_refuses_what_it_does_not_shard(tmp_path, tiny_model_dir, rel):
+    from slimtune.adapters.base import get_adapter_class
+    from slimtune.config.recipe import load_recipe_dict
+    from slimtune.errors import SlimtuneError
+    from slimtune.train.fsdp import check_adapters
+
+    base = fsdp_recipe(rel, tiny_model_dir, tmp_path / "r", 2, "fsdp")
+    for patch, words in (({"train": {"optimizer": "adamw8bit"}}, "optimizer adamw8bit"),
+                         ({"train": {"adapter_dtype": "bfloat16"}}, "adapter_dtype"),
+                         ({"adapter": {"kind": "full"}}, "full fine-tuning")):
+        r = {k: ({**v, **patch[k]} if k in patch else v) for k, v in base.items()}
+        if patch.get("adapter", {}).get("kind") == "full":
+            r["adapter"] = {"kind": "full"}
+        with pytest.raises(Exception, match=words):
+            load_recipe_dict(r, base_dir=tmp_path)
+    lamda = get_adapter_class("lamda")
+    with pytest.raises(SlimtuneError, match="changes what it trains"):
+        check_adapters({"q": lamda.__new__(lamda)})
+    check_adapters({"q": get_adapter_class("lora").__new__(get_adapter_class("lora"))})  # LoRA: fine

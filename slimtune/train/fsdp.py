@@ -1,0 +1,202 @@
+"""Sharded data parallel (``train.distributed: fsdp``): torch FSDP2 (``fully_shard``) over the 4-bit base and the
+adapters, for bases that do not fit one card even in 4-bit.
+
+What is sharded, and how (``shard_model``):
+
+- **Every decoder layer** is its own FSDP unit, and the decoder module itself (``model.model`` for Llama) the root
+  unit: each of their parameters is split on dim 0 over the ranks — the packed 4-bit base weights (stored as
+  ``quant.quant_storage``; ``auto`` = the compute dtype, so one all-gather carries a layer's base, norms and
+  adapter in one dtype), the norms, the adapter factors and an untied ``embed_tokens``. A layer is all-gathered
+  just before its forward (and again before its backward) and freed after it.
+- **Replicated on every rank**: the bitsandbytes quant state of each 4-bit linear (absmax codes and their scales:
+  attributes, not parameters — about 1.6% of the packed bytes with double quant), ``lm_head`` (outside the sharded
+  module: the chunked loss reads its weight directly) and a tied or host-resident embedding table (kept out of FSDP
+  with ``ignored_params``). ``slimtune estimate --nproc N`` counts exactly this split.
+- **bitsandbytes under FSDP.** An all-gathered weight is a plain tensor, no longer a ``Params4bit``: its quant state
+  is put back (``Linear4bit.quant_state``, bitsandbytes' own place for it) by a forward pre-hook on each layer that
+  runs after FSDP's all-gather, so the fused ops and ``Linear4bit.forward`` read the same NF4 weight as in one
+  process.
+- **Gradients** are reduce-scattered as a plain sum (``set_gradient_divide_factor(1)``; sum-only collectives, which
+  gloo requires and NCCL prefers): the loss is already normalised by the global step's target tokens, as under DDP.
+  Accumulation micro-steps skip the reduce-scatter (``set_requires_gradient_sync(False)``): one per optimizer step.
+- **The optimizer** steps the local shards (DTensors); gradient clipping sees the global norm.
+- **Files.** A checkpoint gathers the adapter (``full_parameters``: every trainable or adapter-owned parameter
+  all-gathered, one at a time — never a whole layer of base weights) and the optimizer state (``full_optimizer_state``)
+  on every rank; rank 0 writes them in the one-process format. A resume reads the same files on every rank and keeps
+  each rank's shard (``full_parameters(write_back=True)``, ``shard_optimizer_state``).
+- **Evaluation** (``eval``, ``train.eval_every``) runs on every rank together — the sharded model's forward is a
+  collective — over the same records; rank 0 writes the numbers.
+
+Not sharded here: full fine-tuning (``adapter.kind: full``), LoRAM (its pruned model is small: use ddp), adapters
+whose trainable set changes during training (LaMDA), the 8-bit and master-weight optimizers — the recipe check
+refuses them with the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from slimtune.adapters.base import Adapter
+from slimtune.errors import SlimtuneError
+from slimtune.models.arch import spec_for
+
+try:  # bitsandbytes is a dependency; the guard keeps this module importable where its native library is broken
+    from bitsandbytes.nn import Linear4bit
+except Exception:  # pragma: no cover
+    Linear4bit = ()  # type: ignore[assignment,misc]
+
+__all__ = ["shard_model", "fsdp_units", "full_parameters", "full_optimizer_state", "shard_optimizer_state",
+           "full_value", "check_adapters"]
+
+
+def check_adapters(adapters: dict[str, Adapter]) -> None:
+    """Refuse adapter kinds whose trainable set changes during training (``on_step`` overridden: LaMDA freezes B)."""
+    moving = sorted({type(a).__name__ for a in adapters.values() if type(a).on_step is not Adapter.on_step})
+    if moving:
+        raise SlimtuneError(f"train.distributed: fsdp: {', '.join(moving)} changes what it trains during training, "
+                            f"which FSDP's sharded optimizer state does not follow; use train.distributed: ddp")
+
+
+def _restore_quant_state(linears: list[nn.Module]):
+    """A forward pre-hook for an FSDP unit: the all-gathered (plain) weight of each 4-bit linear gets its quant state
+    back (FSDP's own pre-hook runs first: it was registered first)."""
+
+    def hook(module: nn.Module, args: Any) -> None:
+        for lin in linears:
+            w = lin.weight
+            if not isinstance(w, DTensor) and getattr(w, "quant_state", None) is None:
+                w.quant_state = lin.quant_state
+
+    return hook
+
+
+def _quantized(module: nn.Module) -> list[nn.Module]:
+    out = [m for m in module.modules() if isinstance(m, Linear4bit)]
+    for lin in out:  # bitsandbytes' fallback slot (fix_4bit_weight_quant_state_from_module reads it too)
+        if getattr(lin, "quant_state", None) is None:
+            lin.quant_state = lin.weight.quant_state
+    return out
+
+
+def shard_model(model: nn.Module, device: torch.device, world: int, *, embeddings_on_host: bool = False) -> DeviceMesh:
+    """``fully_shard`` every decoder layer, then the decoder module as the root unit (see the module docstring).
+
+    Raises ``SlimtuneError`` for a model family without a spec, and for trainable parameters left outside the
+    sharded module (``adapter.modules_to_save: [lm_head]``, a trained tied embedding): they would need a second,
+    replicated reduction.
+    """
+    spec = spec_for(getattr(model, "config", None))
+    layers = spec.decoder_layers(model) if spec is not None else None
+    if spec is None or layers is None:
+        raise SlimtuneError(f"train.distributed: fsdp: no family spec for {type(model).__name__} (its decoder layers "
+                            f"are the FSDP units); use train.distributed: ddp")
+    mesh = init_device_mesh(device.type, (world,))
+    # FSDP2 warns on every forward that the decoder returns a view (an in-place op on it would skip the backward
+    # all-gather); the chunked loss and the head only read it
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    root = spec.module(model, spec.decoder.rpartition(".")[0])  # (model.model): the module causal_lm_loss calls
+    for layer in layers:
+        linears = _quantized(layer)
+        fully_shard(layer, mesh=mesh)
+        layer.register_forward_pre_hook(_restore_quant_state(linears))
+    embed = model.get_input_embeddings()
+    tied = embed is not None and getattr(model, "lm_head", None) is not None and model.lm_head.weight is embed.weight
+    ignored = {embed.weight} if embed is not None and (tied or embeddings_on_host) else set()
+    linears = [m for m in _quantized(root) if not any(m is x for layer in layers for x in layer.modules())]
+    fully_shard(root, mesh=mesh, ignored_params=ignored or None)
+    root.register_forward_pre_hook(_restore_quant_state(linears))
+    for unit in fsdp_units(model):
+        unit.set_gradient_divide_factor(1.0)  # a plain sum: the loss is normalised by the global target tokens
+        unit.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM; NCCL copies sums without staging
+    outside = [n for n, p in model.named_parameters() if p.requires_grad and not isinstance(p, DTensor)]
+    if outside:
+        raise SlimtuneError(f"train.distributed: fsdp: {outside[0]} trains outside the sharded decoder "
+                            f"({len(outside)} such tensors: adapter.modules_to_save lm_head or a tied embedding); "
+                            f"use train.distributed: ddp")
+    return mesh
+
+
+def fsdp_units(model: nn.Module) -> list[FSDPModule]:
+    """The FSDP units of a sharded model (layers first, the root last)."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    return units[1:] + units[:1]
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """Reduce-scatter the gradients in this micro-step's backward (the step's last), or keep accumulating them."""
+    for unit in fsdp_units(model):
+        unit.set_requires_gradient_sync(enabled, recurse=False)
+
+
+def _gathered(name: str, p: nn.Parameter) -> bool:
+    """Parameters a checkpoint or an export reads: the trainable ones and every adapter factor (a stacked frozen
+    adapter's too), never the frozen base."""
+    return isinstance(p, DTensor) and (p.requires_grad or any(part.startswith("lora_") for part in name.split(".")))
+
+
+def _local_shard(full: torch.Tensor, like: DTensor) -> torch.Tensor:
+    """This rank's piece of ``full`` as FSDP splits it (dim-0 chunks; no communication)."""
+    return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements,
+                             src_data_rank=None).to_local()
+
+
+@contextlib.contextmanager
+def full_parameters(model: nn.Module, *, write_back: bool = False) -> Iterator[None]:
+    """Inside: the adapter's parameters are whole plain tensors on every rank (a collective: every rank enters).
+
+    Each sharded adapter parameter is all-gathered (one at a time) and put in its module in place of the shard;
+    the shards come back on exit. ``write_back``: what was loaded into the whole tensors meanwhile (a resume) is
+    copied into each rank's shard first.
+    """
+    swapped: list[tuple[nn.Module, str, nn.Parameter, nn.Parameter]] = []
+    for mod_name, module in model.named_modules():
+        for pname, p in list(module._parameters.items()):
+            if p is None or not _gathered(f"{mod_name}.{pname}", p):
+                continue
+            whole = nn.Parameter(p.full_tensor().detach().clone(), requires_grad=p.requires_grad)
+            module._parameters[pname] = whole
+            swapped.append((module, pname, p, whole))
+    try:
+        yield
+    finally:
+        for module, pname, shard, whole in swapped:
+            if write_back:
+                with torch.no_grad():
+                    shard.to_local().copy_(_local_shard(whole.detach(), shard))
+            module._parameters[pname] = shard
+
+
+def full_value(t: torch.Tensor | float) -> torch.Tensor | float:
+    """A DTensor's global value (a collective); anything else as it is."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``optimizer.state_dict()`` with every sharded state tensor gathered whole to the CPU (a collective), so a
+    checkpoint holds the one-process format."""
+    sd = optimizer.state_dict()
+    sd["state"] = {k: {n: full_value(v).cpu() if isinstance(v, DTensor) else v for n, v in st.items()}
+                   for k, st in sd["state"].items()}
+    return sd
+
+
+def shard_optimizer_state(sd: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The inverse of ``full_optimizer_state`` on this rank: each whole state tensor shaped like its (sharded)
+    parameter becomes that parameter's local shard, as a DTensor."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state = {}
+    for k, st in sd["state"].items():
+        p = params[int(k)]
+        state[k] = {n: distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+                    if isinstance(p, DTensor) and torch.is_tensor(v) and tuple(v.shape) == tuple(p.shape) else v
+                    for n, v in st.items()}
+    return {**sd, "state": state}
