@@ -438,3 +438,47 @@ def test_fsdp_refuses_what_it_does_not_shard(tmp_path, tiny_model_dir, rel):
     with pytest.raises(SlimtuneError, match="changes what it trains"):
         check_adapters({"q": lamda.__new__(lamda)})
     check_adapters({"q": get_adapter_class("lora").__new__(get_adapter_class("lora"))})  # LoRA: fine
+
+
+@pytest.mark.slow
+def test_fsdp_runs_a_stacked_two_stage_recipe_with_evaluation_and_merge(tmp_path, tiny_model_dir, rel):
+    """CPT (LoRA) → SFT (rsLoRA stacked on it), perplexity before and after each stage, PEFT export and merged
+    model: under FSDP on 2 ranks the same numbers as 1 process (the evaluation runs sharded on both ranks)."""
+    from slimtune.models.tiny import udhr_path
+
+    def recipe(out: Path, micro_batch: int, distributed: str) -> dict:
+        train = {"lr": 5e-3, "steps": 4, "micro_batch": micro_batch, "grad_accum": 2, "warmup": 0, "seed": 3,
+                 "device": "cpu", "distributed": distributed}
+        return {"model": {"name": str(tiny_model_dir)}, "quant": {"mode": "nf4", "compute_dtype": "float32"},
+                "adapter": {"kind": "lora", "rank": 4, "alpha": 8}, "train": train,
+                "data": {"sources": [{"path": str(udhr_path("glg")), "max_records": 3}], "format": "text",
+                         "max_seq_len": 32},
+                "eval": {"perplexity": [{"path": str(udhr_path("glg")), "max_records": 2, "max_seq_len": 32,
+                                         "name": "glg"}]},
+                "output": {"dir": str(out), "export_peft": True, "save_merged": True, "merged_dtype": "float32"},
+                "stages": [{"name": "one", "start_from": "base"},
+                           {"name": "two", "start_from": "stacked", "adapter": {"kind": "rslora", "rank": 8,
+                                                                                 "alpha": 4},
+                            "train": {**train, "steps": 3}}]}
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    res = rel.invoke(["run", str(rel.write_recipe(tmp_path / "one.yaml", recipe(one, 4, "ddp"))), "--quiet"],
+                     env=rel.env)
+    assert res.exit_code == 0, res.output
+    env = {**os.environ, **rel.env, "SLIMTUNE_DIST_TIMEOUT": "60"}
+    env.pop("SLIMTUNE_FAULT", None)
+    proc = Torchrun(rel.write_recipe(tmp_path / "two.yaml", recipe(two, 2, "fsdp")), env, tmp_path).start("-q")
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, (out, err[-4000:])
+    for stage in ("one", "two"):
+        a, b = (d / "stages" / stage for d in (one, two))
+        assert_rows_match(metric_rows(b), metric_rows(a), stage)
+        ta, tb = adapter_tensors(a), adapter_tensors(b)
+        assert ta.keys() == tb.keys() and max(float((ta[k] - tb[k]).abs().max()) for k in ta) <= 1e-6
+        ea, eb = (json.loads((d / "stage_summary.json").read_text())["eval"] for d in (a, b))
+        assert ea.keys() == eb.keys() and len(ea) == 2, ea  # before and after
+        for label in ea:
+            pa, pb = ea[label]["metrics"]["perplexity/glg"], eb[label]["metrics"]["perplexity/glg"]
+            assert abs(pa - pb) <= 1e-6 * pa, (stage, label, pa, pb)
+    assert (two / "stages" / "two" / "merged" / "config.json").is_file()
+    assert (two / "stages" / "two" / "adapter" / "adapter_config.json").is_file()
