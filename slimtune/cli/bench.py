@@ -23,9 +23,11 @@ def estimate_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print every figure as JSON instead of a table.")] = False,
     set_: SetOpt = None,
     nproc: Annotated[int, typer.Option(
-        "--nproc", min=1, help="GPUs of a data-parallel run (torchrun, `run --nproc`): the figures are per rank. "
-        "DDP: every rank holds the full base, the adapter state and the activations of its own micro_batch; the "
-        "gradients live in DDP's buckets (gradient_as_bucket_view), not in a second copy.")] = 1,
+        "--nproc", min=1, help="GPUs of a data-parallel run (torchrun, `run --nproc`): also show what one rank "
+        "holds, by the recipe's train.distributed (--set train.distributed=fsdp). ddp: the full base, the adapter "
+        "state and the activations of its own micro_batch on every rank (gradients in DDP's buckets, no second "
+        "copy). fsdp: the packed 4-bit base, norms, adapter and AdamW state sharded over the ranks; the quant "
+        "state, lm_head and the input embedding replicated; plus two layers all-gathered in flight.")] = 1,
     explain: Annotated[bool, typer.Option(
         "--explain", help="Also show the memory floor: the estimate with every memory switch off, then one more "
         "switch on per row (NF4 lm_head, embeddings in host memory, offload, 8-bit AdamW, bf16 adapters with the "
@@ -33,7 +35,7 @@ def estimate_cmd(
 ) -> None:
     """Peak GPU memory of a recipe's training step, component by component, from the model config alone (no
     weights, no GPU). Multi-stage recipes: every stage is estimated and the largest is shown. With --nproc N:
-    per rank of a DDP run on N GPUs."""
+    per rank of a DDP or FSDP run (train.distributed) on N GPUs."""
     from slimtune.bench.estimate import GiB, estimate_recipe_stages, format_table, to_json
 
     if not gpu_mem > 0:
@@ -43,9 +45,11 @@ def estimate_cmd(
     name, worst = max(stages, key=lambda s: s[1].total_bytes)
     accum = {s.name: sr.train.grad_accum for s, sr in r.resolved_stages() if s.kind == "train"}
     global_batch = worst.inputs["micro_batch"] * accum.get(name, r.train.grad_accum) * nproc
+    rank = _per_rank(r, name, worst, nproc, accum.get(name, r.train.grad_accum))
     if as_json:
         data = {"recipe": str(recipe), "stage": name, **to_json(worst), "nproc": nproc,
-                "per_rank_total_bytes": worst.total_bytes, "global_batch_sequences": global_batch,
+                "per_rank_total_bytes": rank.total_bytes, "global_batch_sequences": global_batch,
+                "per_rank": rank.to_json(gpu_mem),
                 "stages": [{"stage": n, "total_bytes": e.total_bytes, "total_gib": round(e.total_bytes / GiB, 4),
                             "fits": e.fits(), "max_seq_len": e.max_seq_len_that_fits()} for n, e in stages]}
         if explain:
@@ -72,12 +76,43 @@ def estimate_cmd(
 
         console.print(format_explain(floor_ladder(worst, gpu_mem), gpu_mem))
     if nproc > 1:
-        each, total = worst.total_bytes / GiB, nproc * worst.total_bytes / GiB
+        console.print(_per_rank_table(rank, gpu_mem))
+        each, total = rank.total_bytes / GiB, nproc * rank.total_bytes / GiB
         mb, ga = worst.inputs["micro_batch"], accum.get(name, r.train.grad_accum)
-        console.print(f"per rank of a DDP run on {nproc} GPUs: {each:.3f} GiB each (the table above: full base, "
-                      f"adapter state and activations on every rank), {total:.1f} GiB in all; global batch {mb} x "
-                      f"{ga} x {nproc} = {global_batch} sequences of {worst.inputs['seq_len']} tokens. NCCL's own "
+        what = ("full base, adapter state and activations on every rank" if rank.mode == "ddp" else
+                "sharded base and adapter state, replicated quant state and lm_head, own activations")
+        verdict = "fits" if rank.fits(gpu_mem) else "does NOT fit"
+        console.print(f"per rank of a{'n FSDP' if rank.mode == 'fsdp' else ' DDP'} run on {nproc} GPUs: {each:.3f} "
+                      f"GiB each ({what}; {verdict} on {gpu_mem:g} GiB), {total:.1f} GiB in all; global batch {mb} "
+                      f"x {ga} x {nproc} = {global_batch} sequences of {worst.inputs['seq_len']} tokens. NCCL's own "
                       f"communicator buffers are not included.", highlight=False)
+
+
+def _per_rank(r, stage: str, worst, nproc: int, grad_accum: int):
+    """The per-rank figures of the stage ``stage`` (its train.distributed and quant.quant_storage)."""
+    from slimtune.bench.parallel import per_rank
+
+    resolved = dict((s.name, sr) for s, sr in r.resolved_stages()).get(stage, r)
+    return per_rank(worst, nproc, resolved.train.distributed, grad_accum, quant_storage=resolved.quant.quant_storage)
+
+
+def _per_rank_table(rank, gpu_mem: float) -> Table:
+    from slimtune.bench.estimate import GiB
+    from slimtune.bench.parallel import LABELS
+
+    table = Table(title=f"per rank: {rank.mode} on {rank.nproc} GPUs (grad_accum {rank.grad_accum})")
+    table.add_column("component")
+    table.add_column("1 GPU, GiB", justify="right")
+    table.add_column(f"per rank ({rank.mode}, {rank.nproc}), GiB", justify="right")
+    for key, value in rank.components.items():
+        if value or rank.single[key]:
+            table.add_row(LABELS[key], f"{rank.single[key] / GiB:.3f}", f"{value / GiB:.3f}")
+    table.add_section()
+    table.add_row("total (GPU)", f"{rank.single_total_bytes / GiB:.3f}", f"{rank.total_bytes / GiB:.3f}",
+                  style="bold")
+    table.add_row(f"on {gpu_mem:g} GiB", "", ("fits" if rank.fits(gpu_mem) else "does NOT fit") +
+                  f", longest seq_len {rank.max_seq_len_that_fits(gpu_mem):,}")
+    return table
 
 
 @app.command()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -115,3 +116,17 @@ def make_saveable(model: torch.nn.Module) -> torch.nn.Module:
     if getattr(model, "hf_quantizer", None) is None and getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
     return model
+
+
+def save_model_folder(model: nn.Module, tokenizer: Any, out_dir: Path, *, dtype: str = "bfloat16") -> Path:
+    """A fully fine-tuned model as a transformers folder (``from_pretrained`` loads it), weights in ``dtype``; the
+    training model itself is left as it is (tied weights stay tied: save_pretrained writes them once)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    make_saveable(model)
+    state = {k: v.detach().to("cpu", DTYPES[dtype]) for k, v in model.state_dict().items()}
+    model.config.use_cache = True
+    model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return out_dir

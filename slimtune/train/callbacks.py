@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from slimtune.ops.dispatch import dispatch_report
+
 if TYPE_CHECKING:  # typing only: the loop imports this module
     from slimtune.train.loop import StepResult, Trainer
 
@@ -63,3 +65,22 @@ class TrainerCallback:
 
     def on_train_end(self, trainer: Trainer, summary: dict[str, Any]) -> None:
         pass
+
+
+class KernelChoices(TrainerCallback):
+    """Logs, once after the first step, every backend `train.kernels: auto` chose for the fused ops and why
+    (measured verdicts, cached ones, forced modes, fall-backs): the choices are made on the first step's inputs."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def on_step_end(self, trainer: Trainer, result: StepResult) -> None:
+        if self.done:
+            return
+        self.done = True
+        mode = trainer.recipe.train.kernels
+        lines = dispatch_report() or [  # nothing measured: a forced mode, or auto off CUDA
+            f"{mode} forced for every op" if mode != "auto" else
+            f"auto on {trainer.device.type}: the torch reference for every op (candidates are measured on CUDA only)"]
+        for line in lines:
+            trainer.reporter.log(f"kernels: {line}")

@@ -6,12 +6,13 @@ What is sharded, and how (``shard_model``):
 - **Every decoder layer** is its own FSDP unit, and the decoder module itself (``model.model`` for Llama) the root
   unit: each of their parameters is split on dim 0 over the ranks — the packed 4-bit base weights (stored as
   ``quant.quant_storage``; ``auto`` = the compute dtype, so one all-gather carries a layer's base, norms and
-  adapter in one dtype), the norms, the adapter factors and an untied ``embed_tokens``. A layer is all-gathered
+  adapter in one dtype), the norms, the adapter factors and a trained ``embed_tokens``. A layer is all-gathered
   just before its forward (and again before its backward) and freed after it.
 - **Replicated on every rank**: the bitsandbytes quant state of each 4-bit linear (absmax codes and their scales:
-  attributes, not parameters — about 1.6% of the packed bytes with double quant), ``lm_head`` (outside the sharded
-  module: the chunked loss reads its weight directly) and a tied or host-resident embedding table (kept out of FSDP
-  with ``ignored_params``). ``slimtune estimate --nproc N`` counts exactly this split.
+  attributes, not parameters — about 1/64 byte per weight with double quant, 3% of the packed bytes), ``lm_head``
+  (outside the sharded module: the chunked loss reads its weight directly) and a frozen embedding table (kept out
+  of FSDP with ``ignored_params``: FSDP2 keeps the root unit gathered from the decoder's forward through its
+  backward, so sharding it would save nothing at the peak). ``slimtune estimate --nproc N`` counts exactly this split.
 - **bitsandbytes under FSDP.** An all-gathered weight is a plain tensor, no longer a ``Params4bit``: its quant state
   is put back (``Linear4bit.quant_state``, bitsandbytes' own place for it) by a forward pre-hook on each layer that
   runs after FSDP's all-gather, so the fused ops and ``Linear4bit.forward`` read the same NF4 weight as in one
@@ -109,8 +110,9 @@ def shard_model(model: nn.Module, device: torch.device, world: int, *, embedding
         fully_shard(layer, mesh=mesh)
         layer.register_forward_pre_hook(_restore_quant_state(linears))
     embed = model.get_input_embeddings()
-    tied = embed is not None and getattr(model, "lm_head", None) is not None and model.lm_head.weight is embed.weight
-    ignored = {embed.weight} if embed is not None and (tied or embeddings_on_host) else set()
+    # a frozen input table stays whole (the root unit is gathered from the decoder's forward through its backward,
+    # so a sharded table would cost its shard on top of the whole); a trained one is sharded and reduced
+    ignored = {embed.weight} if embed is not None and (not embed.weight.requires_grad or embeddings_on_host) else set()
     linears = [m for m in _quantized(root) if not any(m is x for layer in layers for x in layer.modules())]
     fully_shard(root, mesh=mesh, ignored_params=ignored or None)
     root.register_forward_pre_hook(_restore_quant_state(linears))

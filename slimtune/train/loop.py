@@ -38,11 +38,11 @@ from slimtune.models.embeddings import embeddings_to_host
 from slimtune.models.load import (DTYPES, LoadedModel, load_model, peft_base_name, quant_storage_dtype,
                                   set_quant_storage)
 from slimtune.ops.dispatch import dispatch_report, set_backend
-from slimtune.train.callbacks import TrainerCallback
+from slimtune.train.callbacks import KernelChoices, TrainerCallback
 from slimtune.train.checkpointing import enable_checkpointing
 from slimtune.train.distributed import DistContext, checkpoint_ranks, current, rank_rng
 from slimtune.train.fsdp import full_value
-from slimtune.train.merge import CHAT_TEMPLATE_FILE, make_saveable, merge_to_folder
+from slimtune.train.merge import CHAT_TEMPLATE_FILE, merge_to_folder, save_model_folder
 from slimtune.train.oom import oom_guard
 from slimtune.train.optim import build_optimizer, build_scheduler, drop_frozen
 from slimtune.train.report import Reporter, SilentReporter
@@ -581,38 +581,5 @@ class Trainer:
             torch.cuda.empty_cache()
 
 
-def save_model_folder(model: nn.Module, tokenizer: Any, out_dir: Path, *, dtype: str = "bfloat16") -> Path:
-    """A fully fine-tuned model as a transformers folder (``from_pretrained`` loads it), weights in ``dtype``; the
-    training model itself is left as it is (tied weights stay tied: save_pretrained writes them once)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    make_saveable(model)
-    state = {k: v.detach().to("cpu", DTYPES[dtype]) for k, v in model.state_dict().items()}
-    model.config.use_cache = True
-    model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
-    return out_dir
-
-
 def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()  # signal handlers can only be set there
-
-
-class KernelChoices(TrainerCallback):
-    """Logs, once after the first step, every backend `train.kernels: auto` chose for the fused ops and why
-    (measured verdicts, cached ones, forced modes, fall-backs): the choices are made on the first step's inputs."""
-
-    def __init__(self) -> None:
-        self.done = False
-
-    def on_step_end(self, trainer: Trainer, result: StepResult) -> None:
-        if self.done:
-            return
-        self.done = True
-        mode = trainer.recipe.train.kernels
-        lines = dispatch_report() or [  # nothing measured: a forced mode, or auto off CUDA
-            f"{mode} forced for every op" if mode != "auto" else
-            f"auto on {trainer.device.type}: the torch reference for every op (candidates are measured on CUDA only)"]
-        for line in lines:
-            trainer.reporter.log(f"kernels: {line}")
