@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/parallel_estimate}; mkdir -p "$OUT"
-R8=recipes/llama31_8b_floor.yaml;         S8=(--set train.optimizer=adamw)   # fsdp steps torch AdamW only
+R8=recipes/llama31_8b_floor.yaml;         S8=()                              # as shipped (8-bit AdamW)
 R70=recipes/loram_llama31_70b_gsm8k.yaml; S70=(--set loram=null)             # the unpruned 70B
 for mode in ddp fsdp; do for n in 1 2 4 8; do
   slimtune estimate $R8 "${S8[@]}" --set train.distributed=$mode --nproc $n --json > "$OUT/8b-$mode-$n.json"

@@ -20,7 +20,9 @@ fsdp (FSDP2, ``fully_shard`` on every decoder layer and on the decoder module as
     NF4 head with its quant state), the frozen input embedding (kept out of FSDP with ``ignored_params``: the
     root unit stays gathered through the step, so a shard would only add to it); an embedding table in host
     memory (``train.embeddings_on: cpu``) stays there.
-    Adapter parameters and AdamW state: sharded (the state of a shard is a shard). Adapter gradients: with
+    Adapter parameters and optimizer state: sharded (each rank steps its shards with the recipe's optimizer,
+    ``fsdp.LocalShards``: AdamW, 8-bit AdamW — 32-bit state for a shard under 4096 values —, fp32 masters for
+    bf16 adapters; on the host with ``optimizer_on: cpu``). Adapter gradients: with
     grad_accum > 1 the accumulation micro-steps skip the reduce-scatter (``set_requires_gradient_sync(False)``),
     so every rank holds the full unsharded gradients; with grad_accum == 1 the sharded gradients plus one
     layer's full gradients in flight (before its reduce-scatter).
@@ -30,7 +32,7 @@ fsdp (FSDP2, ``fully_shard`` on every decoder layer and on the decoder module as
     Activations, logits, dequant scratch and the CUDA context: unchanged (each rank runs its own micro_batch).
     With N = 1 nothing is gathered: per rank = the single-GPU estimate.
     What ``slimtune.train.fsdp`` refuses is refused here with its reason: full fine-tuning, LoRAM, adapters whose
-    trainable set changes (LaMDA), modules_to_save, and the 8-bit / master-weight optimizers.
+    trainable set changes (LaMDA); and modules_to_save (not modelled here).
 
 Not modelled: NCCL's communicator and all-gather staging buffers, the reduce-scatter output of the optimizer
 step's micro-step on top of the accumulated gradients, allocator fragmentation.
@@ -152,7 +154,7 @@ def per_rank(est: Estimate, nproc: int, mode: str = "ddp", grad_accum: int = 1,
     out.components = {k: single[k] - parts[k][0] + parts[k][1] if k in parts else single[k] for k in COMPONENTS}
     if any(v < 0 for v in out.replicated.values()):  # the inventory and the estimate disagree: a bug, say so
         raise SlimtuneError(f"per-rank estimate: sharded bytes exceed the estimate ({out.replicated})")
-    out.notes.append(f"fsdp: packed 4-bit base, norms, adapter and its AdamW state sharded over {nproc} ranks; "
+    out.notes.append(f"fsdp: packed 4-bit base, norms, adapter and its optimizer state sharded over {nproc} ranks; "
                      "quant state, lm_head and the input embedding replicated")
     if grad_accum > 1:
         out.notes.append(f"grad_accum {grad_accum}: accumulation micro-steps skip the reduce-scatter, so every rank "
@@ -170,14 +172,23 @@ def _refuse(est: Estimate) -> None:
         why = "LoRAM's pruned model is small: it is not sharded"
     elif get_adapter_class(inp["kind"]).on_step is not Adapter.on_step:
         why = f"{inp['kind']} changes what it trains during training"
-    elif inp["optimizer"] != "adamw":
-        why = f"train.optimizer {inp['optimizer']}: only torch AdamW steps the sharded parameters"
-    elif inp["adapter_dtype"] != "float32" or inp.get("optimizer_on") == "cpu":
-        why = "master-weight optimizers (bf16 adapters, optimizer_on: cpu) are not sharded"
     elif (inp.get("adapter_options") or {}).get("modules_to_save"):
         why = "adapter.modules_to_save trains outside the sharded decoder"
     if why:
         raise SlimtuneError(f"train.distributed: fsdp: {why}; use train.distributed: ddp")
+
+
+def _optimizer_bytes(sizes: list[int], inp: dict[str, Any], a: int) -> int:
+    """GPU bytes of the recipe's optimizer over tensors of these sizes, as the estimate counts them (fp32 masters
+    for bf16 adapters or a host optimizer; bitsandbytes' 32-bit state under 4096 values: a small shard gets it)."""
+    opt = inp["optimizer"]
+    if inp.get("optimizer_on") == "cpu":
+        return 0  # in host memory (fsdp.LocalShards steps each rank's shards there)
+    if inp["adapter_dtype"] != "float32":
+        total = 4 * sum(sizes) + optimizer_state_bytes(sizes, opt, 4)
+    else:
+        total = optimizer_state_bytes(sizes, opt, a)
+    return total + (2 * 256 * 4 if opt != "adamw" and sizes else 0)  # the two 256-entry quantization maps
 
 
 def _inventory_of(est: Estimate) -> ModelInventory:
@@ -242,8 +253,8 @@ def _fsdp_parts(est: Estimate, inv: ModelInventory, n: int, grad_accum: int,
         trainable = [est.adapter_params]
     params_full = (sum(trainable) + sum(frozen)) * a
     params_rank = sum(_chunk(x, n, a) for x in trainable + frozen)
-    optim_full = optimizer_state_bytes(trainable, "adamw", a)
-    optim_rank = optimizer_state_bytes([math.ceil(x / n) for x in trainable], "adamw", a)
+    optim_full = _optimizer_bytes(trainable, inp, a)
+    optim_rank = _optimizer_bytes([math.ceil(x / n) for x in trainable], inp, a)  # each rank steps its shards
     grads_full = sum(trainable) * a
     layer_grads = max((sum(x for ad in li.adapters for x in ad.trainable) for li in inv.layers), default=0) * a
     if grad_accum > 1:  # no reduce-scatter until the step's last micro-batch: unsharded gradients on every rank

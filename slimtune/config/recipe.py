@@ -104,18 +104,6 @@ class TrainConfig(BaseModel):
             raise ValueError("keep_best: needs train.eval_every (and data.val_split)")
         return self
 
-    @model_validator(mode="after")
-    def _fsdp(self) -> TrainConfig:
-        if self.distributed != "fsdp":
-            return self
-        if self.optimizer != "adamw":
-            raise ValueError(f"distributed: fsdp steps sharded tensors with torch AdamW; optimizer {self.optimizer} "
-                             "(bitsandbytes) is not built for them: use optimizer: adamw, or distributed: ddp")
-        if self.adapter_dtype != "float32" or self.optimizer_on != "device":
-            raise ValueError("distributed: fsdp keeps fp32 adapters and their optimizer state sharded on the "
-                             "devices; adapter_dtype: bfloat16 and optimizer_on: cpu are for ddp or one process")
-        return self
-
 
 class GGUFOutputConfig(BaseModel):
     """A GGUF export at the end of the run (recipe key ``output.gguf``; slimtune.export writes it)."""

@@ -169,12 +169,22 @@ class DistContext:
             return contextlib.nullcontext()
         return fsdp.full_parameters(self._model, write_back=write_back)
 
-    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """The optimizer state in the one-process format (FSDP: gathered, a collective)."""
-        return fsdp.full_optimizer_state(optimizer) if self.sharded else optimizer.state_dict()
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+        """What a checkpoint holds of the optimizer. DDP: its state (the same on every rank). FSDP: every rank's
+        state of its shards, gathered to rank 0 (a collective; None on the other ranks)."""
+        if not self.sharded:
+            return optimizer.state_dict()
+        every: list[Any] | None = [None] * self.world if self.is_main else None
+        dist.gather_object(fsdp.to_cpu(optimizer.state_dict()), every, dst=0)
+        return {"ranks": every} if self.is_main else None
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-        optimizer.load_state_dict(fsdp.shard_optimizer_state(state, optimizer) if self.sharded else state)
+        if not self.sharded:
+            optimizer.load_state_dict(state)
+        elif "ranks" not in state or len(state["ranks"]) != self.world:
+            raise SlimtuneError(f"--resume: the checkpoint's optimizer state is not of a {self.world}-rank FSDP run")
+        else:
+            optimizer.load_state_dict(state["ranks"][self.rank])
 
     # ---------------------------------------------------------------------------------- set-up
     def prepare(self, trainer: Trainer) -> None:

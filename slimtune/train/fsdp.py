@@ -20,17 +20,20 @@ What is sharded, and how (``shard_model``):
 - **Gradients** are reduce-scattered as a plain sum (``set_gradient_divide_factor(1)``; sum-only collectives, which
   gloo requires and NCCL prefers): the loss is already normalised by the global step's target tokens, as under DDP.
   Accumulation micro-steps skip the reduce-scatter (``set_requires_gradient_sync(False)``): one per optimizer step.
-- **The optimizer** steps the local shards (DTensors); gradient clipping sees the global norm.
+- **The optimizer** (``LocalShards``) steps each rank's shards with the recipe's own optimizer — torch AdamW,
+  bitsandbytes' 8-bit AdamW, fp32 masters for bf16 adapters, on the device or the host — over plain tensors that
+  share the shards' storage; gradient clipping sees the global norm. 8-bit AdamW quantizes its state in blocks of
+  each rank's shard: close to, not bit-equal to, one process.
 - **Files.** A checkpoint gathers the adapter (``full_parameters``: every trainable or adapter-owned parameter
-  all-gathered, one at a time — never a whole layer of base weights) and the optimizer state (``full_optimizer_state``)
-  on every rank; rank 0 writes them in the one-process format. A resume reads the same files on every rank and keeps
-  each rank's shard (``full_parameters(write_back=True)``, ``shard_optimizer_state``).
+  all-gathered, one at a time — never a whole layer of base weights) in the one-process format, and every rank's
+  optimizer state (its shards) to rank 0, which writes both. A resume reads the same files on every rank: the
+  whole adapter goes back into the shards (``full_parameters(write_back=True)``), each rank takes its optimizer
+  state.
 - **Evaluation** (``eval``, ``train.eval_every``) runs on every rank together — the sharded model's forward is a
   collective — over the same records; rank 0 writes the numbers.
 
 Not sharded here: full fine-tuning (``adapter.kind: full``), LoRAM (its pruned model is small: use ddp), adapters
-whose trainable set changes during training (LaMDA), the 8-bit and master-weight optimizers — the recipe check
-refuses them with the reason.
+whose trainable set changes during training (LaMDA) — the recipe check refuses them with the reason.
 """
 
 from __future__ import annotations
@@ -55,8 +58,7 @@ try:  # bitsandbytes is a dependency; the guard keeps this module importable whe
 except Exception:  # pragma: no cover
     Linear4bit = ()  # type: ignore[assignment,misc]
 
-__all__ = ["shard_model", "fsdp_units", "full_parameters", "full_optimizer_state", "shard_optimizer_state",
-           "full_value", "check_adapters"]
+__all__ = ["shard_model", "fsdp_units", "full_parameters", "LocalShards", "to_cpu", "full_value", "check_adapters"]
 
 
 def check_adapters(adapters: dict[str, Adapter]) -> None:
@@ -182,23 +184,64 @@ def full_value(t: torch.Tensor | float) -> torch.Tensor | float:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """``optimizer.state_dict()`` with every sharded state tensor gathered whole to the CPU (a collective), so a
-    checkpoint holds the one-process format."""
-    sd = optimizer.state_dict()
-    sd["state"] = {k: {n: full_value(v).cpu() if isinstance(v, DTensor) else v for n, v in st.items()}
-                   for k, st in sd["state"].items()}
-    return sd
+class LocalShards(torch.optim.Optimizer):
+    """Steps this rank's shards of FSDP-sharded parameters with a plain optimizer over plain tensors.
+
+    ``make_inner(local_params)`` builds any of ``slimtune.train.optim.build_optimizer``'s optimizers (torch AdamW,
+    bitsandbytes' 8-bit AdamW, ``MasterWeights`` with its fp32 masters on the device or the host) over tensors that
+    share storage with each DTensor's local shard: its in-place updates are the sharded parameters' updates, and
+    optimizers that know nothing of DTensors work unchanged. This optimizer's ``param_groups`` hold the DTensors,
+    so clipping (the global norm), ``zero_grad`` and the lr schedule see the model's parameters. Its state is the
+    inner optimizer's for this rank's shards (``state_dict``); a checkpoint holds every rank's
+    (``slimtune.train.distributed.DistContext.optimizer_state``).
+    """
+
+    def __init__(self, params: list[nn.Parameter], make_inner):
+        params = list(params)
+        local = [nn.Parameter(p.to_local() if isinstance(p, DTensor) else p.detach(), requires_grad=True)
+                 for p in params]  # (shard rows, ...): the same storage as the shard, no copy
+        back = {id(lp): p for lp, p in zip(local, params)}
+        self.inner = make_inner(local)
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [back[id(lp)] for lp in g["params"]]}
+                  for g in self.inner.param_groups]
+        super().__init__(groups, {})
+
+    def _pairs(self):
+        for gw, gi in zip(self.param_groups, self.inner.param_groups):
+            yield from zip(gw["params"], gi["params"])
+
+    def _sync_hyperparameters(self) -> None:
+        for gw, gi in zip(self.param_groups, self.inner.param_groups):
+            gi.update({k: v for k, v in gw.items() if k != "params"})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        self._sync_hyperparameters()  # the lr the schedule set
+        for p, lp in self._pairs():
+            g = p.grad
+            lp.grad = None if g is None else (g.to_local() if isinstance(g, DTensor) else g)
+        self.inner.step()
+        for _, lp in self._pairs():
+            lp.grad = None
+        return loss
+
+    def state_dict(self) -> dict:
+        self._sync_hyperparameters()
+        return {"inner": self.inner.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.inner.load_state_dict(state_dict["inner"])
+        for gw, gi in zip(self.param_groups, self.inner.param_groups):
+            gw.update({k: v for k, v in gi.items() if k != "params"})
 
 
-def shard_optimizer_state(sd: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The inverse of ``full_optimizer_state`` on this rank: each whole state tensor shaped like its (sharded)
-    parameter becomes that parameter's local shard, as a DTensor."""
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    state = {}
-    for k, st in sd["state"].items():
-        p = params[int(k)]
-        state[k] = {n: distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
-                    if isinstance(p, DTensor) and torch.is_tensor(v) and tuple(v.shape) == tuple(p.shape) else v
-                    for n, v in st.items()}
-    return {**sd, "state": state}
+def to_cpu(obj: Any) -> Any:
+    """``obj`` (a state dict) with every tensor moved to the host, for gathering it to rank 0 as an object."""
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj

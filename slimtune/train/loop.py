@@ -41,7 +41,7 @@ from slimtune.ops.dispatch import dispatch_report, set_backend
 from slimtune.train.callbacks import KernelChoices, TrainerCallback
 from slimtune.train.checkpointing import enable_checkpointing
 from slimtune.train.distributed import DistContext, checkpoint_ranks, current, rank_rng
-from slimtune.train.fsdp import full_value
+from slimtune.train.fsdp import LocalShards, full_value
 from slimtune.train.merge import CHAT_TEMPLATE_FILE, merge_to_folder, save_model_folder
 from slimtune.train.oom import oom_guard
 from slimtune.train.optim import build_optimizer, build_scheduler, drop_frozen
@@ -225,7 +225,8 @@ class Trainer:
         if self.dist is not None:  # torchrun: one set of trainable values; fsdp: the model sharded (before the optimizer)
             self.dist.prepare(self)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(params, r.train)
+        self.optimizer = (LocalShards(params, lambda local: build_optimizer(local, r.train)) if self.sharded
+                          else build_optimizer(params, r.train))  # FSDP: the recipe's optimizer on each shard
         self.scheduler = build_scheduler(self.optimizer, r.train, self.total_steps)
         self.reporter.log(
             f"{len(self.data)} examples, {self.batches_per_epoch} micro-batches/epoch, {self.total_steps} steps"

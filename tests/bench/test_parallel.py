@@ -121,8 +121,11 @@ def test_refusals_and_bad_input(hand):
         per_rank(hand, 2, "zero")
     with pytest.raises(SlimtuneError, match="nproc"):
         per_rank(hand, 0, "ddp")
-    with pytest.raises(SlimtuneError, match="AdamW"):
-        per_rank(hand.reestimate(optimizer="adamw8bit"), 2, "fsdp")
+    eight = hand.reestimate(optimizer="adamw8bit", adapter_dtype="bfloat16")  # masters + 8-bit state, sharded
+    assert per_rank(eight, 1, "fsdp").total_bytes == eight.total_bytes
+    assert per_rank(eight, 4, "fsdp").components["optimizer"] < eight.optimizer_bytes / 2
+    host = hand.reestimate(optimizer_on="cpu")
+    assert per_rank(host, 4, "fsdp").components["optimizer"] == host.optimizer_bytes == 0
     with pytest.raises(SlimtuneError, match="LoRAM"):
         per_rank(hand.reestimate(loram={"ratio": 0.5, "keep_first": 0, "keep_last": 0}), 2, "fsdp")
 
@@ -167,7 +170,7 @@ def test_cli_estimate_nproc_fsdp_table_and_json(tmp_path):
 def test_cli_estimate_nproc_bad_input_is_one_line(tmp_path):
     p = _recipe(tmp_path)
     for args in (["--set", "train.distributed=zero"], ["--set", "train.distributed=fsdp",
-                                                        "--set", "train.optimizer=adamw8bit"]):
+                                                        "--set", "adapter.kind=full"]):
         res = runner.invoke(app, ["estimate", str(p), "--nproc", "2", *args])
         assert res.exit_code == 2 and "Traceback" not in res.output, res.output
         assert "distributed" in res.output

@@ -406,12 +406,18 @@ def test_fsdp_equals_ddp_and_one_rank_survives_sigkill_and_resumes_exactly(tmp_p
     vs_one = max(float((a[k] - c[k]).abs().max()) for k in a)
     assert vs_ddp <= 1e-6 and vs_one <= 1e-6, (vs_ddp, vs_one)
 
-    # The step-8 checkpoint (written after the resume) holds the whole AdamW state, equal to the 1-process one.
-    opt = [torch.load(d / "checkpoints" / "step-00000008" / "trainer.pt", map_location="cpu",
-                      weights_only=False)["optimizer"]["state"] for d in (runs["fsdp"], runs["ref"])]
-    assert opt[0].keys() == opt[1].keys() and opt[0]
-    worst_state = max(float((s[n] - opt[1][k][n]).abs().max() / (opt[1][k][n].abs().max() + 1e-12))
-                      for k, s in opt[0].items() for n in ("exp_avg", "exp_avg_sq"))
+    # The step-8 checkpoint (written after the resume) holds each rank's AdamW state of its shards: put together
+    # along dim 0 (FSDP's split), the 1-process state.
+    ranks, ref_opt = (torch.load(d / "checkpoints" / "step-00000008" / "trainer.pt", map_location="cpu",
+                                 weights_only=False)["optimizer"] for d in (runs["fsdp"], runs["ref"]))
+    shards = [r["inner"]["state"] for r in ranks["ranks"]]
+    assert len(shards) == 2 and shards[0].keys() == ref_opt["state"].keys()
+    worst_state = 0.0
+    for k, st in ref_opt["state"].items():
+        for n in ("exp_avg", "exp_avg_sq"):
+            whole = torch.cat([sh[k][n] for sh in shards])
+            assert whole.shape == st[n].shape and shards[1][k][n].shape[0] < st[n].shape[0]  # really sharded
+            worst_state = max(worst_state, float((whole - st[n]).abs().max() / (st[n].abs().max() + 1e-12)))
     assert worst_state <= 1e-5, worst_state
     assert any("metrics.jsonl" in w for w in rank_writes(logs, 0)), rank_writes(logs, 0)[:5]
     assert rank_writes(logs, 1) == [], rank_writes(logs, 1)[:10]
@@ -425,19 +431,34 @@ def test_fsdp_refuses_what_it_does_not_shard(tmp_path, tiny_model_dir, rel):
     from slimtune.errors import SlimtuneError
     from slimtune.train.fsdp import check_adapters
 
-    base = fsdp_recipe(rel, tiny_model_dir, tmp_path / "r", 2, "fsdp")
-    for patch, words in (({"train": {"optimizer": "adamw8bit"}}, "optimizer adamw8bit"),
-                         ({"train": {"adapter_dtype": "bfloat16"}}, "adapter_dtype"),
-                         ({"adapter": {"kind": "full"}}, "full fine-tuning")):
-        r = {k: ({**v, **patch[k]} if k in patch else v) for k, v in base.items()}
-        if patch.get("adapter", {}).get("kind") == "full":
-            r["adapter"] = {"kind": "full"}
-        with pytest.raises(Exception, match=words):
-            load_recipe_dict(r, base_dir=tmp_path)
+    r = fsdp_recipe(rel, tiny_model_dir, tmp_path / "r", 2, "fsdp")
+    with pytest.raises(Exception, match="full fine-tuning"):
+        load_recipe_dict({**r, "adapter": {"kind": "full"}}, base_dir=tmp_path)
     lamda = get_adapter_class("lamda")
     with pytest.raises(SlimtuneError, match="changes what it trains"):
         check_adapters({"q": lamda.__new__(lamda)})
     check_adapters({"q": get_adapter_class("lora").__new__(get_adapter_class("lora"))})  # LoRA: fine
+
+
+@pytest.mark.slow
+def test_fsdp_steps_the_shards_with_8bit_adamw_and_host_masters_like_ddp(tmp_path, tiny_model_dir, rel):
+    """bf16 adapters, fp32 masters and bitsandbytes' 8-bit AdamW in host memory (MasterWeights), each rank
+    stepping its shards (fsdp.LocalShards): the DDP run's losses and adapter."""
+    env = {**os.environ, **rel.env, "SLIMTUNE_DIST_TIMEOUT": "60"}
+    env.pop("SLIMTUNE_FAULT", None)
+    runs = {}
+    for mode in ("ddp", "fsdp"):
+        r = fsdp_recipe(rel, tiny_model_dir, tmp_path / mode, 2, mode)
+        r["train"].update({"steps": 6, "eval_every": 0, "save_every": 0, "optimizer": "adamw8bit",
+                           "adapter_dtype": "bfloat16", "optimizer_on": "cpu"})
+        proc = Torchrun(rel.write_recipe(tmp_path / f"{mode}.yaml", r), env, tmp_path).start("-q")
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, (mode, out, err[-4000:])
+        runs[mode] = tmp_path / mode
+    assert len(metric_rows(runs["fsdp"])) == 6
+    assert_rows_match(metric_rows(runs["fsdp"]), metric_rows(runs["ddp"]), "8-bit host")
+    a, b = adapter_tensors(runs["fsdp"]), adapter_tensors(runs["ddp"])
+    assert a.keys() == b.keys() and max(float((a[k].float() - b[k].float()).abs().max()) for k in a) <= 1e-6
 
 
 @pytest.mark.slow
