@@ -26,7 +26,7 @@ def estimate_cmd(
         "--nproc", min=1, help="GPUs of a data-parallel run (torchrun, `run --nproc`): also show what one rank "
         "holds, by the recipe's train.distributed (--set train.distributed=fsdp). ddp: the full base, the adapter "
         "state and the activations of its own micro_batch on every rank (gradients in DDP's buckets, no second "
-        "copy). fsdp: the packed 4-bit base, norms, adapter and AdamW state sharded over the ranks; the quant "
+        "copy). fsdp: the packed 4-bit base, norms, adapter and optimizer state sharded over the ranks; the quant "
         "state, lm_head and the input embedding replicated; plus two layers all-gathered in flight.")] = 1,
     explain: Annotated[bool, typer.Option(
         "--explain", help="Also show the memory floor: the estimate with every memory switch off, then one more "

@@ -52,6 +52,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from slimtune.adapters.base import Adapter
 from slimtune.errors import SlimtuneError
 from slimtune.models.arch import spec_for
+from slimtune.train.optim import PairedOptimizer
 
 try:  # bitsandbytes is a dependency; the guard keeps this module importable where its native library is broken
     from bitsandbytes.nn import Linear4bit
@@ -184,7 +185,7 @@ def full_value(t: torch.Tensor | float) -> torch.Tensor | float:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-class LocalShards(torch.optim.Optimizer):
+class LocalShards(PairedOptimizer):
     """Steps this rank's shards of FSDP-sharded parameters with a plain optimizer over plain tensors.
 
     ``make_inner(local_params)`` builds any of ``slimtune.train.optim.build_optimizer``'s optimizers (torch AdamW,
@@ -206,14 +207,6 @@ class LocalShards(torch.optim.Optimizer):
                   for g in self.inner.param_groups]
         super().__init__(groups, {})
 
-    def _pairs(self):
-        for gw, gi in zip(self.param_groups, self.inner.param_groups):
-            yield from zip(gw["params"], gi["params"])
-
-    def _sync_hyperparameters(self) -> None:
-        for gw, gi in zip(self.param_groups, self.inner.param_groups):
-            gi.update({k: v for k, v in gw.items() if k != "params"})
-
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
@@ -232,8 +225,7 @@ class LocalShards(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.inner.load_state_dict(state_dict["inner"])
-        for gw, gi in zip(self.param_groups, self.inner.param_groups):
-            gw.update({k: v for k, v in gi.items() if k != "params"})
+        self._adopt_hyperparameters()
 
 
 def to_cpu(obj: Any) -> Any:

@@ -34,7 +34,29 @@ def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim
     return _inner_optimizer(groups, cfg)
 
 
-class MasterWeights(torch.optim.Optimizer):
+class PairedOptimizer(torch.optim.Optimizer):
+    """An optimizer whose ``param_groups`` hold the model's parameters (what clipping, ``zero_grad`` and the lr
+    schedule see) while an inner optimizer, ``self.inner``, steps other tensors paired one to one with them, group
+    by group: fp32 masters (``MasterWeights``), each rank's shards (``slimtune.train.fsdp.LocalShards``)."""
+
+    inner: torch.optim.Optimizer
+
+    def _pairs(self):
+        for gw, gi in zip(self.param_groups, self.inner.param_groups):
+            yield from zip(gw["params"], gi["params"])
+
+    def _sync_hyperparameters(self) -> None:
+        """Outer → inner: the lr the schedule set (and anything else edited on the outer groups)."""
+        for gw, gi in zip(self.param_groups, self.inner.param_groups):
+            gi.update({k: v for k, v in gw.items() if k != "params"})
+
+    def _adopt_hyperparameters(self) -> None:
+        """Inner → outer: lr, betas, ... as the inner optimizer has them (after building or loading it)."""
+        for gw, gi in zip(self.param_groups, self.inner.param_groups):
+            gw.update({k: v for k, v in gi.items() if k != "params"})
+
+
+class MasterWeights(PairedOptimizer):
     """Steps fp32 master copies of the parameters with an inner optimizer, then writes them back.
 
     The model's parameters (e.g. bf16 adapters: 2 B/value, and their bf16 gradients) are what this optimizer's
@@ -55,16 +77,7 @@ class MasterWeights(torch.optim.Optimizer):
                        for p in g["params"]]
             inner_groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": masters})
         self.inner = make_inner(inner_groups)
-        for gw, gi in zip(self.param_groups, self.inner.param_groups):
-            gw.update({k: v for k, v in gi.items() if k != "params"})  # lr, betas, ...: what the schedule edits
-
-    def _pairs(self):
-        for gw, gi in zip(self.param_groups, self.inner.param_groups):
-            yield from zip(gw["params"], gi["params"])
-
-    def _sync_hyperparameters(self) -> None:
-        for gw, gi in zip(self.param_groups, self.inner.param_groups):
-            gi.update({k: v for k, v in gw.items() if k != "params"})
+        self._adopt_hyperparameters()  # lr, betas, ...: what the schedule edits
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -89,8 +102,7 @@ class MasterWeights(torch.optim.Optimizer):
             for (p, m), saved in zip(self._pairs(), state_dict["masters"], strict=True):
                 m.copy_(saved)
                 p.copy_(m)
-        for gw, gi in zip(self.param_groups, self.inner.param_groups):
-            gw.update({k: v for k, v in gi.items() if k != "params"})
+        self._adopt_hyperparameters()
 
     def drop_frozen(self) -> int:
         dropped = 0
