@@ -24,7 +24,7 @@ demo: setup
 	$(BIN)/slimtune run recipes/demo.yaml
 
 test: setup
-	$(BIN)/pytest -q -n $(JOBS) --durations=15 tests
+	$(BIN)/pytest -q -n $(JOBS) --dist loadgroup --durations=15 tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -80,17 +80,14 @@ from slimtune.bench.configs import resolve_model_config
 from slimtune.bench.estimate_view import format_table, to_json
 from slimtune.bench.inventory import ModelInventory, inventory
 from slimtune.bench.sizes import GB, GiB, dtype_bytes, optimizer_state_bytes, quantized_weight_bytes
-from slimtune.errors import ModelError, SlimtuneError
-from slimtune.loram.estimate import recipe_loram_layout
+from slimtune.errors import SlimtuneError
 from slimtune.models.embeddings import TIED_HEAD_REASON
-from slimtune.models.load import resolve_package_path
 from slimtune.models.streaming import QUANT_CHUNK_VALUES
 from slimtune.ops.linear_ce import MIN_CHUNK_LOGITS_BYTES, stream_buffer_bytes
 
 __all__ = [
     "CHECKPOINTING", "GB", "GiB", "OPTIMIZERS", "QUANTS", "Estimate", "activation_bytes_per_token_per_layer",
-    "adapted_layers", "baseline_saved_bytes", "estimate", "estimate_for_recipe", "estimate_loram",
-    "estimate_recipe_stages", "format_table", "normalize_targets", "optimizer_state_bytes",
+    "adapted_layers", "baseline_saved_bytes", "estimate", "estimate_full", "estimate_loram", "format_table", "normalize_targets", "optimizer_state_bytes",
     "quantized_weight_bytes", "to_json",
 ]
 
@@ -595,62 +592,3 @@ def estimate_full(config: Any, *, modules: Any = "no-embeddings", optimizer: str
                    adapter_grad_bytes=grads, optimizer_bytes=optim, fixed_bytes=fixed + grads + optim, notes=notes,
                    inputs={**base.inputs, "kind": "full", "modules": modules, "optimizer_on": optimizer_on,
                            "adapter_dtype": dtype_bytes(compute_dtype)[0]})
-
-
-# --------------------------------------------------------------------------------------------------------------
-
-
-def estimate_recipe_stages(recipe: Any, gpu_mem_gib: float | None = 24.0) -> list[tuple[str, Estimate]]:
-    """One estimate per stage of ``recipe`` (a ``slimtune.config.recipe.Recipe``), without weights or a GPU.
-
-    The model config comes from ``recipe.model.name`` via :func:`resolve_model_config` (built-in table, local
-    folder / config.json / GGUF, or a cached hub config; ``pkg:`` paths resolve to the file a package ships). Every
-    stage shares that architecture (a merged previous stage has the same shapes). Mapping: ``quant.mode``,
-    ``double_quant``, ``compute_dtype`` ("auto" is bfloat16, what a CUDA run uses), ``quantize_lm_head``; the whole
-    ``adapter`` block (any registered kind, injected as the trainer injects it); ``train.optimizer``/``micro_batch``/
-    ``grad_checkpointing``/``fused``; seq_len = ``data.max_seq_len``; LoRAM: the ``loram`` block or a pruned folder.
-    """
-    try:
-        config = resolve_model_config(resolve_package_path(recipe.model.name))
-    except ModelError:
-        raise
-    except Exception as err:  # a GGUF/JSON reader failing on a malformed file: one line, not a traceback
-        why = f"{type(err).__name__}: {err}"
-        raise ModelError(f"model.name: {recipe.model.name}: cannot read its config ({why})") from None
-    loram = recipe_loram_layout(recipe)  # LoRAM: the training-time peak is the pruned model's
-    out: list[tuple[str, Estimate]] = []
-    for stage, r in recipe.resolved_stages():
-        if getattr(stage, "kind", "train") != "train":  # merge / eval / arithmetic stages train nothing
-            continue
-        a, q, t = r.adapter, r.quant, r.train
-        if a.kind == "full":  # full fine-tuning (slimtune.adapters.full): the trainer loads the base dense
-            est = estimate_full(
-                config, modules=a.modules, optimizer=t.optimizer, optimizer_on=getattr(t, "optimizer_on", "device"),
-                compute_dtype="bfloat16" if q.compute_dtype == "auto" else q.compute_dtype,
-                seq_len=r.data.max_seq_len, micro_batch=t.micro_batch, grad_checkpointing=t.grad_checkpointing,
-                gpu_mem_gib=gpu_mem_gib, loram=loram)
-            est.model = recipe.model.name
-            out.append((stage.name, est))
-            continue
-        options = {k: v for k, v in a.model_dump().items() if k not in ("kind", "rank", "targets", "layers", "dropout")}
-        est = estimate(
-            config,
-            quant=q.mode, double_quant=q.double_quant,
-            compute_dtype="bfloat16" if q.compute_dtype == "auto" else q.compute_dtype,
-            quantize_lm_head=q.quantize_lm_head,
-            kind=a.kind, rank=a.rank, targets=a.targets, layers=a.layers, lora_dropout=a.dropout,
-            adapter_options=options, optimizer=t.optimizer, seq_len=r.data.max_seq_len, micro_batch=t.micro_batch,
-            grad_checkpointing=t.grad_checkpointing, fused=t.fused, gpu_mem_gib=gpu_mem_gib, loram=loram,
-            adapter_dtype=t.adapter_dtype, embeddings_on=t.embeddings_on, optimizer_on=t.optimizer_on,
-        )
-        est.model = recipe.model.name + ("" if loram is None else f" pruned at ratio {loram['ratio']:g} (LoRAM)")
-        out.append((stage.name, est))
-    if not out:
-        raise SlimtuneError(f"{recipe.name or 'recipe'}: no training stage to estimate")
-    return out
-
-
-def estimate_for_recipe(recipe: Any, gpu_mem_gib: float | None = 24.0) -> Estimate:
-    """The estimate of the recipe's most demanding stage (the max over stages; see :func:`estimate_recipe_stages`)."""
-    stages = estimate_recipe_stages(recipe, gpu_mem_gib)
-    return max(stages, key=lambda s: s[1].total_bytes)[1]

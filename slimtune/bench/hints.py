@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from slimtune.bench import estimate as est_mod
+from slimtune.bench.recipe_estimate import estimate_for_recipe
 from slimtune.train.callbacks import TrainerCallback
 
 
@@ -17,7 +18,7 @@ def estimate_line(recipe, device: torch.device) -> str:
     """"estimated peak X GiB[ of Y GiB], longest sequence that fits at this micro_batch: N tokens" for ``recipe``
     on ``device`` (the GPU's size only on CUDA)."""
     gib = torch.cuda.get_device_properties(device).total_memory / est_mod.GiB if device.type == "cuda" else None
-    est = est_mod.estimate_for_recipe(recipe, gpu_mem_gib=gib)
+    est = estimate_for_recipe(recipe, gpu_mem_gib=gib)
     parts = [f"estimated peak {est.total_bytes / est_mod.GiB:.2f} GiB" + (f" of {gib:.1f} GiB" if gib else "")]
     if gib:
         parts.append(f"longest sequence that fits at this micro_batch: {est.max_seq_len_that_fits(gib)} tokens")

@@ -36,7 +36,8 @@ def estimate_cmd(
     """Peak GPU memory of a recipe's training step, component by component, from the model config alone (no
     weights, no GPU). Multi-stage recipes: every stage is estimated and the largest is shown. With --nproc N:
     per rank of a DDP or FSDP run (train.distributed) on N GPUs."""
-    from slimtune.bench.estimate import GiB, estimate_recipe_stages, format_table, to_json
+    from slimtune.bench.estimate import GiB, format_table, to_json
+    from slimtune.bench.recipe_estimate import estimate_recipe_stages
 
     if not gpu_mem > 0:
         raise SlimtuneError(f"--gpu-mem {gpu_mem}: expected a positive number of GiB")

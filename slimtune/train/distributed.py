@@ -335,6 +335,9 @@ def shutdown() -> None:
     """Leave the process group (after a clean run; after a failure the process just exits)."""
     global _CURRENT
     if _CURRENT is not None and dist.is_initialized():
+        # every rank leaves together: a gloo rank that destroyed its group while its peer was still working (LoRAM's
+        # rank 0 recovers and merges alone) was seen to wait in destroy_process_group forever once the peer exited
+        dist.barrier()
         dist.destroy_process_group()
     _CURRENT = None
 

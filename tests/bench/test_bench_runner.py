@@ -141,7 +141,7 @@ def test_estimate_table_and_json(tmp_path):
 
 
 def test_estimate_multi_stage_reports_the_largest(tmp_path):
-    from slimtune.bench.estimate import estimate_for_recipe, estimate_recipe_stages
+    from slimtune.bench.recipe_estimate import estimate_for_recipe, estimate_recipe_stages
     from slimtune.config.recipe import load_recipe
 
     stage_data = {"format": "text", "max_seq_len": 2048, "sources": [{"path": str(tmp_path / "d.jsonl")}]}
@@ -163,7 +163,7 @@ def test_estimate_multi_stage_reports_the_largest(tmp_path):
 
 
 def test_estimate_maps_recipe_details(tmp_path):
-    from slimtune.bench.estimate import estimate_recipe_stages
+    from slimtune.bench.recipe_estimate import estimate_recipe_stages
     from slimtune.config.recipe import load_recipe
 
     path = _recipe(tmp_path, adapter={"kind": "lamda_pp", "rank": 8, "targets": ["q_proj", "re:.*mlp\\.down_proj"]})

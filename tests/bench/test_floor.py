@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from slimtune.bench.estimate import GiB, estimate, estimate_for_recipe
+from slimtune.bench.estimate import GiB, estimate
+from slimtune.bench.recipe_estimate import estimate_for_recipe
 from slimtune.bench.floor import explain, host_ram
 from slimtune.config.recipe import load_recipe
 from slimtune.errors import SlimtuneError

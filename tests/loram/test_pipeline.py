@@ -281,7 +281,8 @@ def test_shipped_loram_recipes_validate():
 
 def test_estimate_sizes_the_pruned_model():
     from slimtune.bench.configs import resolve_model_config
-    from slimtune.bench.estimate import estimate, estimate_for_recipe, estimate_loram
+    from slimtune.bench.estimate import estimate, estimate_loram
+    from slimtune.bench.recipe_estimate import estimate_for_recipe
     from slimtune.loram.estimate import pruned_layout
     from slimtune.loram.prune import parameter_reduction, prune_model
 

@@ -69,7 +69,7 @@ def cached_configs():
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_shipped_recipe_fits_24_gib(path, cached_configs):
-    from slimtune.bench.estimate import estimate_for_recipe
+    from slimtune.bench.recipe_estimate import estimate_for_recipe
 
     est = estimate_for_recipe(load_recipe(path), 24)
     assert est.total_bytes <= 24 * GiB, f"{path.name}: {est.total_bytes / GiB:.2f} GiB > 24 GiB"

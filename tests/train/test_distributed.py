@@ -42,6 +42,10 @@ from safetensors.torch import load_file
 from slimtune.train.distributed import DistContext, _PadBatch, torchrun_argv
 from slimtune.train.state import list_checkpoints
 
+# The torchrun jobs (2 processes each on a 2-core machine) run one after another on one xdist worker
+# (`make test` passes --dist loadgroup), never beside each other: timings stay those of one job.
+pytestmark = pytest.mark.xdist_group("torchrun")
+
 STEPS = 12  # the kill lands after step 3: 9 steps of headroom on a fast machine
 KILL_AFTER = 3
 RTOL = 1e-6
@@ -124,7 +128,17 @@ class Torchrun:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "slimtune", "run", str(self.recipe), *extra]
         return subprocess.Popen(cmd, env=self.env, cwd=self.cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+                                text=True, start_new_session=True)  # its own group: finish() kills it whole
+
+
+def finish(proc: subprocess.Popen, timeout: float, what: str = "torchrun") -> tuple[str, str]:
+    """Wait for a torchrun job; past ``timeout`` kill it with its workers: a hang fails the test, never outlives it."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{what} did not end within {timeout} s:\n{out[-2000:]}\n{err[-4000:]}")
 
 
 def worker(proc: subprocess.Popen, rank: int, timeout: float = 60):
@@ -191,11 +205,7 @@ def test_two_ranks_equal_one_rank_survive_sigkill_and_resume_exactly(tmp_path, t
     wait_for_step(proc, run_dir, KILL_AFTER)
     os.kill(rank1.pid, signal.SIGKILL)
     t_kill = time.monotonic()
-    try:
-        out, err = proc.communicate(timeout=90)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail("torchrun did not end within 90 s of a rank's SIGKILL")
+    out, err = finish(proc, 90, "torchrun, after a rank's SIGKILL,")
     ended_after = time.monotonic() - t_kill
     assert proc.returncode != 0, (out, err[-3000:])
     assert not rank0.is_running() or rank0.status() == "zombie", "rank 0 survived its peer's death"
@@ -215,7 +225,7 @@ def test_two_ranks_equal_one_rank_survive_sigkill_and_resume_exactly(tmp_path, t
 
     # Launch 2: --resume runs to the end; the whole lineage equals the 1-process run.
     proc = tr.start("--resume", "latest")
-    out, err = proc.communicate(timeout=180)
+    out, err = finish(proc, 180)
     assert proc.returncode == 0, (out, err[-4000:])
     flat = "".join(out.split())  # rich wraps long lines
     assert f"resumedfrom{run_dir}/checkpoints/step-" in flat, out
@@ -323,7 +333,7 @@ def test_loram_pipeline_on_two_ranks_equals_one(tmp_path, tiny4_dir, rel):
     env = {**os.environ, **rel.env, "SLIMTUNE_DIST_TIMEOUT": "60"}
     env.pop("SLIMTUNE_FAULT", None)
     proc = Torchrun(r2, env, tmp_path).start("-q")
-    out, err = proc.communicate(timeout=240)
+    out, err = finish(proc, 240)
     assert proc.returncode == 0, (out, err[-4000:])
     for sub in ("aligned.run", "train"):
         ref = metric_rows(one / sub)
@@ -374,7 +384,7 @@ def test_fsdp_equals_ddp_and_one_rank_survives_sigkill_and_resumes_exactly(tmp_p
            "SLIMTUNE_TEST_WATCH": str(runs["fsdp"]), "SLIMTUNE_TEST_WATCH_LOG": str(logs)}
     env.pop("SLIMTUNE_FAULT", None)
 
-    out, err = Torchrun(recipes["ddp"], env, tmp_path).start("-q").communicate(timeout=180)
+    out, err = finish(Torchrun(recipes["ddp"], env, tmp_path).start("-q"), 180)
     assert metric_rows(runs["ddp"]) and len(metric_rows(runs["ddp"])) == STEPS, (out, err[-4000:])
 
     tr = Torchrun(recipes["fsdp"], env, tmp_path)
@@ -382,15 +392,11 @@ def test_fsdp_equals_ddp_and_one_rank_survives_sigkill_and_resumes_exactly(tmp_p
     rank1 = worker(proc, 1)
     wait_for_step(proc, runs["fsdp"], 5)  # past the step-4 checkpoint
     os.kill(rank1.pid, signal.SIGKILL)
-    try:
-        proc.communicate(timeout=90)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail("torchrun did not end within 90 s of a rank's SIGKILL")
+    finish(proc, 90, "torchrun, after a rank's SIGKILL,")
     assert proc.returncode != 0
     assert [c.name for c in list_checkpoints(runs["fsdp"] / "checkpoints")] == ["step-00000004"]
     proc = tr.start("--resume", "latest")
-    out, err = proc.communicate(timeout=180)
+    out, err = finish(proc, 180)
     assert proc.returncode == 0, (out, err[-4000:])
     flat = "".join(out.split())
     assert "resumedfrom" in flat and "4-bitweightsstoredasfloat32" in flat, out  # quant_storage auto, fp32 here
@@ -452,7 +458,7 @@ def test_fsdp_steps_the_shards_with_8bit_adamw_and_host_masters_like_ddp(tmp_pat
         r["train"].update({"steps": 6, "eval_every": 0, "save_every": 0, "optimizer": "adamw8bit",
                            "adapter_dtype": "bfloat16", "optimizer_on": "cpu"})
         proc = Torchrun(rel.write_recipe(tmp_path / f"{mode}.yaml", r), env, tmp_path).start("-q")
-        out, err = proc.communicate(timeout=180)
+        out, err = finish(proc, 180)
         assert proc.returncode == 0, (mode, out, err[-4000:])
         runs[mode] = tmp_path / mode
     assert len(metric_rows(runs["fsdp"])) == 6
@@ -489,7 +495,7 @@ def test_fsdp_runs_a_stacked_two_stage_recipe_with_evaluation_and_merge(tmp_path
     env = {**os.environ, **rel.env, "SLIMTUNE_DIST_TIMEOUT": "60"}
     env.pop("SLIMTUNE_FAULT", None)
     proc = Torchrun(rel.write_recipe(tmp_path / "two.yaml", recipe(two, 2, "fsdp")), env, tmp_path).start("-q")
-    out, err = proc.communicate(timeout=180)
+    out, err = finish(proc, 180)
     assert proc.returncode == 0, (out, err[-4000:])
     for stage in ("one", "two"):
         a, b = (d / "stages" / stage for d in (one, two))
