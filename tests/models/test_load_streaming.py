@@ -108,7 +108,7 @@ def test_streamed_load_peaks_near_one_shard_plus_the_quantized_model(tmp_path):
     shards = list(d.glob("*.safetensors"))
     assert len(shards) == 3
     largest = max(f.stat().st_size for f in shards)
-    for attempt in range(2):  # RSS is noisy when other processes run (parallel tests): a second fresh process
+    for attempt in range(3):  # RSS is noisy when other processes run (parallel tests): more fresh processes
         p = subprocess.run([sys.executable, "-c", _PEAK, str(d)], capture_output=True, text=True,
                            env={"OMP_NUM_THREADS": "1", **__import__("os").environ}, timeout=240)
         assert p.returncode == 0, p.stderr[-2000:]
