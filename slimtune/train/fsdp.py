@@ -116,7 +116,8 @@ def shard_model(model: nn.Module, device: torch.device, world: int, *, embedding
     # a frozen input table stays whole (the root unit is gathered from the decoder's forward through its backward,
     # so a sharded table would cost its shard on top of the whole); a trained one is sharded and reduced
     ignored = {embed.weight} if embed is not None and (not embed.weight.requires_grad or embeddings_on_host) else set()
-    linears = [m for m in _quantized(root) if not any(m is x for layer in layers for x in layer.modules())]
+    in_layers = {id(m) for layer in layers for m in layer.modules()}
+    linears = [m for m in _quantized(root) if id(m) not in in_layers]  # a 4-bit linear of the root's own
     fully_shard(root, mesh=mesh, ignored_params=ignored or None)
     root.register_forward_pre_hook(_restore_quant_state(linears))
     for unit in fsdp_units(model):
