@@ -91,7 +91,7 @@ for mod in need + ["triton"] + carried:
             hint = ": run bash bench/gpu/prepare_wheels.sh here, carry bench/gpu/wheels" if mod in carried else ""
             print(f"  MISSING  {mod}{hint}")
             bad = 1
-from slimtune.bench.runner import resolve_bench_config
+from slimtune.bench.bench_config import resolve_bench_config
 c = resolve_bench_config("Llama-3.1-8B")
 print("  ok       Llama-3.1-8B config:", c.num_hidden_layers, "layers, hidden", c.hidden_size)
 sys.exit(bad)

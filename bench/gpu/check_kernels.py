@@ -184,7 +184,8 @@ def decoder_layer(device: torch.device, small: bool) -> list[dict]:
     torch backend: loss and every adapter gradient."""
     from slimtune.adapters.base import get_adapter_class
     from slimtune.adapters.inject import inject
-    from slimtune.bench.runner import random_base, resolve_bench_config
+    from slimtune.bench.bench_config import resolve_bench_config
+    from slimtune.bench.random_model import random_base
     from slimtune.models.fused import fuse_model
 
     name = "SmolLM2-135M" if small else "Llama-3.1-8B"

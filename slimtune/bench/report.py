@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from slimtune.bench.runner import PHASES, TOOLS, memory_key
+from slimtune.bench.bench_config import PHASES, TOOLS, memory_key
 
 MiB = 2**20
 LABELS = {"slimtune": "slimtune", "baseline": "HF + PEFT + bnb"}

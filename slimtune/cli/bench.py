@@ -159,7 +159,8 @@ def bench(
     import datetime
 
     from slimtune.bench.report import write_report
-    from slimtune.bench.runner import BenchConfig, run_bench
+    from slimtune.bench.bench_config import BenchConfig
+    from slimtune.bench.runner import run_bench
 
     def ints(text: str | None) -> list[int] | None:
         if text is None:
@@ -188,7 +189,7 @@ def bench(
 
 
 def _print_bench(result: dict) -> None:
-    from slimtune.bench.runner import PHASES, memory_key
+    from slimtune.bench.bench_config import PHASES, memory_key
 
     tools = result["tools"]
     key = memory_key(next(iter(tools.values())))

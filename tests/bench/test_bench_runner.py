@@ -11,7 +11,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from slimtune.bench.runner import PHASES, search_max_context
+from slimtune.bench.bench_config import PHASES
+from slimtune.bench.runner import search_max_context
 from slimtune.cli import app
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

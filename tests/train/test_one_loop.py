@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 import slimtune
-from slimtune.bench.runner import BenchConfig, _build_side
+from slimtune.bench.bench_config import BenchConfig
+from slimtune.bench.runner import _build_side
 from slimtune.models.tiny import tiny_llama_config
 
 ROOT = Path(slimtune.__file__).resolve().parent
