@@ -1,6 +1,5 @@
 """The shared tiny-model helpers: offline tokenizer, tiny configs, UDHR data location."""
 
-import time
 
 import pytest
 import torch
@@ -41,9 +40,7 @@ def test_shared_data_env_override(monkeypatch, tmp_path):
 
 def test_train_tiny_tokenizer_fast_and_chatml():
     texts = udhr_texts("eng") + udhr_texts("src")
-    t0 = time.perf_counter()
     tok = train_tiny_tokenizer(texts, vocab_size=400)
-    assert time.perf_counter() - t0 < 2.0
     assert len(tok) == 400
     assert (tok.eos_token, tok.eos_token_id) == ("<|im_end|>", TINY_EOS_ID)
     assert tok.pad_token_id == TINY_PAD_ID

@@ -140,7 +140,8 @@ def test_hub_id_offline_fails_fast_one_line(tmp_path, rel):
     errors = error_lines(proc.stderr)
     assert len(errors) == 1 and "model.name" in errors[0] and "slimtune-tests/no-such-model-7f3a" in errors[0], \
         proc.stderr
-    assert elapsed < 10, f"took {elapsed:.1f} s"
+    # "fast": no network retry loop (those take minutes); the imports alone take ~5 s, more on a loaded CI machine
+    assert elapsed < 40, f"took {elapsed:.1f} s"
 
 
 @pytest.mark.parametrize("on_nonfinite", ["stop", "skip"])
