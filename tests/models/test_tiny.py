@@ -1,6 +1,5 @@
 """The shared tiny-model helpers: offline tokenizer, tiny configs, UDHR data location."""
 
-
 import pytest
 import torch
 
