@@ -13,6 +13,11 @@ What is sharded, and how (``shard_model``):
   (outside the sharded module: the chunked loss reads its weight directly) and a frozen embedding table (kept out
   of FSDP with ``ignored_params``: FSDP2 keeps the root unit gathered from the decoder's forward through its
   backward, so sharding it would save nothing at the peak). ``slimtune estimate --nproc N`` counts exactly this split.
+- **Loading.** On CUDA every rank builds and quantizes the base in host memory (``Trainer._load``: host RAM for
+  the whole 4-bit model per rank, ~37 GiB for Llama-3.1-70B) and ``fully_shard`` moves each layer to its GPU as it
+  shards it; what FSDP does not manage follows (``_place_rest``). A base that does not fit one card is never on one
+  whole. The adapters are then initialised from the CPU generator: the same seed gives another (equally
+  distributed) initial ``A`` than a one-GPU run.
 - **bitsandbytes under FSDP.** An all-gathered weight is a plain tensor, no longer a ``Params4bit``: its quant state
   is put back (``Linear4bit.quant_state``, bitsandbytes' own place for it) by a forward pre-hook on each layer that
   runs after FSDP's all-gather, so the fused ops and ``Linear4bit.forward`` read the same NF4 weight as in one
@@ -120,6 +125,7 @@ def shard_model(model: nn.Module, device: torch.device, world: int, *, embedding
     linears = [m for m in _quantized(root) if id(m) not in in_layers]  # a 4-bit linear of the root's own
     fully_shard(root, mesh=mesh, ignored_params=ignored or None)
     root.register_forward_pre_hook(_restore_quant_state(linears))
+    _place_rest(model, device, keep=model.get_input_embeddings() if embeddings_on_host else None)
     for unit in fsdp_units(model):
         unit.set_gradient_divide_factor(1.0)  # a plain sum: the loss is normalised by the global target tokens
         unit.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM; NCCL copies sums without staging
@@ -129,6 +135,30 @@ def shard_model(model: nn.Module, device: torch.device, world: int, *, embedding
                             f"({len(outside)} such tensors: adapter.modules_to_save lm_head or a tied embedding); "
                             f"use train.distributed: ddp")
     return mesh
+
+
+def _place_rest(model: nn.Module, device: torch.device, keep: nn.Module | None) -> None:
+    """What FSDP does not manage (lm_head, the ignored input table) goes to ``device`` too: on CUDA the base was
+    loaded in host memory (``Trainer._load``), and ``fully_shard`` moved only the units' own parameters and buffers.
+    A tensor shared by two modules (tied embeddings) moves once; a ``Params4bit`` takes its quant state along;
+    ``keep`` (the host-resident embedding) stays."""
+    moved: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        if module is keep:
+            continue
+        for table in (module._parameters, module._buffers):
+            for name, t in list(table.items()):
+                if t is None or isinstance(t, DTensor) or t.device == device:
+                    continue
+                if id(t) not in moved:
+                    new = t.to(device)
+                    if isinstance(t, nn.Parameter) and not isinstance(new, nn.Parameter):
+                        new = nn.Parameter(new, requires_grad=t.requires_grad)
+                    moved[id(t)] = new
+                table[name] = moved[id(t)]
+    for lin in (m for m in model.modules() if isinstance(m, Linear4bit)):
+        if getattr(lin, "quant_state", None) is not None and not isinstance(lin.weight, DTensor):
+            lin.quant_state = lin.weight.quant_state  # the moved Params4bit's (the same object, moved in place)
 
 
 def fsdp_units(model: nn.Module) -> list[FSDPModule]:

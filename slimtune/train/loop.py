@@ -35,8 +35,8 @@ from slimtune.errors import RecipeError, SlimtuneError
 from slimtune.export.run import export_adapter_gguf
 from slimtune.models.fused import causal_lm_loss, fuse_model
 from slimtune.models.embeddings import embeddings_to_host
-from slimtune.models.load import (DTYPES, LoadedModel, load_model, peft_base_name, quant_storage_dtype,
-                                  set_quant_storage)
+from slimtune.models.load import (DTYPES, LoadedModel, QuantConfig, load_model, peft_base_name,
+                                  quant_storage_dtype, resolve_device, resolve_dtype, set_quant_storage)
 from slimtune.ops.dispatch import dispatch_report, set_backend
 from slimtune.train.callbacks import KernelChoices, TrainerCallback
 from slimtune.train.checkpointing import enable_checkpointing
@@ -164,7 +164,7 @@ class Trainer:
                 self.reporter.log(f"adapter.kind full: the base is loaded dense (quant.mode {quant.mode} is for "
                                   f"adapter stages)")
                 quant = quant.model_copy(update={"mode": "none"})
-            self.loaded = load_model(r.model, quant, device=r.train.device)
+            self.loaded = self._load(quant)
         self.model, self.tokenizer, self.device = self.loaded.model, self.loaded.tokenizer, self.loaded.device
         storage = quant_storage_dtype(r.quant, self.loaded.compute_dtype, sharded=self.sharded)
         if storage != torch.uint8:  # the same packed bytes, viewed as another dtype (FSDP: one all-gather dtype)
@@ -233,6 +233,18 @@ class Trainer:
         )
         if self.dist is not None:  # torchrun: the reducer over the trainable parameters (slimtune.train.distributed)
             self.dist.setup(self)
+
+    def _load(self, quant: QuantConfig) -> LoadedModel:
+        """The base on ``train.device``; FSDP on CUDA: in host memory (compute dtype of the GPU), each layer moving to
+        the GPU as it is sharded, so a base that does not fit one card is never on one whole."""
+        r = self.recipe
+        target = resolve_device(r.train.device)
+        if not (self.sharded and target.type == "cuda"):
+            return load_model(r.model, quant, device=target)
+        dtype = str(resolve_dtype(quant.compute_dtype, target)).removeprefix("torch.")
+        loaded = load_model(r.model, quant.model_copy(update={"compute_dtype": dtype}), device="cpu")
+        loaded.device = torch.device("cuda", torch.cuda.current_device())  # where shard_model puts it
+        return loaded
 
     @property
     def _global_micro_batch(self) -> int:
