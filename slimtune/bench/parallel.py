@@ -159,6 +159,10 @@ def per_rank(est: Estimate, nproc: int, mode: str = "ddp", grad_accum: int = 1,
     if grad_accum > 1:
         out.notes.append(f"grad_accum {grad_accum}: accumulation micro-steps skip the reduce-scatter, so every rank "
                          "holds the full unsharded adapter gradients")
+    host = est.weights_bytes + est.adapter_param_bytes  # the 4-bit model + adapters, built on the host (CUDA)
+    out.notes.append(f"fsdp on CUDA builds the 4-bit base in host memory on every rank before sharding it: "
+                     f"{host / GiB:.2f} GiB of RAM per rank while loading ({nproc * host / GiB:.1f} GiB on a node "
+                     f"of {nproc})")
     return out
 
 

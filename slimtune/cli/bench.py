@@ -87,6 +87,8 @@ def estimate_cmd(
                       f"GiB each ({what}; {verdict} on {gpu_mem:g} GiB), {total:.1f} GiB in all; global batch {mb} "
                       f"x {ga} x {nproc} = {global_batch} sequences of {worst.inputs['seq_len']} tokens. NCCL's own "
                       f"communicator buffers are not included.", highlight=False)
+        for note in rank.notes:
+            console.print(f"[dim]note:[/] {note}", highlight=False)
 
 
 def _per_rank(r, stage: str, worst, nproc: int, grad_accum: int):
