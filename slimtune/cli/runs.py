@@ -33,7 +33,8 @@ def run(
     smoke_dir: SmokeDirOpt = Path("runs/smoke"),
     nproc: Annotated[Optional[int], typer.Option(
         "--nproc", min=1, help="Data-parallel on N local GPUs (or N CPU processes): re-runs this command under "
-        "`torchrun --standalone --nproc-per-node N -m slimtune`. A node or several: call torchrun yourself.",
+        "`torchrun --standalone --nproc-per-node N -m slimtune`. train.distributed: ddp (the whole base on every "
+        "rank) or fsdp (the base sharded over the ranks). Several nodes: call torchrun yourself.",
         show_default=False)] = None,
 ) -> None:
     """Run a recipe: every stage (train, export, merge, evaluate) not yet done."""
