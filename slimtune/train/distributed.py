@@ -31,7 +31,8 @@ which execs it). What changes against one process:
   collective is one error line (exit code 5), not a traceback.
 - **Backends.** NCCL on CUDA (each rank on ``cuda:LOCAL_RANK``), gloo on the CPU.
 - **Sharded** (``train.distributed: fsdp``): the same batch, loss, stop and file rules, with FSDP2 instead of the
-  DDP reducer: the base and the adapters are sharded over the ranks (``slimtune.train.fsdp``).
+  DDP reducer: the base and the adapters are sharded over the ranks (``slimtune.train.fsdp``). Evaluation is the
+  exception to "rank 0 alone": a sharded forward is a collective, so every rank evaluates and rank 0 writes.
 """
 
 from __future__ import annotations

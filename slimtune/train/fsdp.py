@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -96,7 +96,7 @@ def _quantized(module: nn.Module) -> list[nn.Module]:
     return out
 
 
-def shard_model(model: nn.Module, device: torch.device, world: int, *, embeddings_on_host: bool = False) -> DeviceMesh:
+def shard_model(model: nn.Module, device: torch.device, world: int, *, embeddings_on_host: bool = False) -> None:
     """``fully_shard`` every decoder layer, then the decoder module as the root unit (see the module docstring).
 
     Raises ``SlimtuneError`` for a model family without a spec, and for trainable parameters left outside the
@@ -134,7 +134,6 @@ def shard_model(model: nn.Module, device: torch.device, world: int, *, embedding
         raise SlimtuneError(f"train.distributed: fsdp: {outside[0]} trains outside the sharded decoder "
                             f"({len(outside)} such tensors: adapter.modules_to_save lm_head or a tied embedding); "
                             f"use train.distributed: ddp")
-    return mesh
 
 
 def _place_rest(model: nn.Module, device: torch.device, keep: nn.Module | None) -> None:
