@@ -125,6 +125,7 @@ def set_dense_weight(layer: nn.Module, weight: torch.Tensor) -> None:
             quant_storage=old.quant_storage if hasattr(old, "quant_storage") else torch.uint8,
         )
         layer.weight = new.to(device)
+        layer.weight.quant_state.dtype = qs.dtype  # quantized from fp32; dequantizes to the dtype declared before
     else:
         with torch.no_grad():
             layer.weight.copy_(weight.to(layer.weight.dtype))

@@ -198,16 +198,18 @@ def quantize_linears(
 ) -> int:
     """Replace the decoder's nn.Linear layers by bitsandbytes Linear4bit (quantized on ``device``).
 
-    Returns the number of layers quantized. lm_head is kept unless ``include_lm_head``.
+    Returns the number of layers quantized. lm_head is kept unless ``include_lm_head``. Layers that are 4-bit
+    already (a pre-quantized checkpoint's ``Linear4bit``, itself an ``nn.Linear``) are left as they are.
     """
     count = 0
     for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, nn.Linear) or getattr(module.weight, "quant_state", None) is not None:
             continue
         if name.endswith("lm_head") and not include_lm_head:
             continue
         q = linear4bit(module, mode=mode, compute_dtype=compute_dtype, double_quant=double_quant)
-        q.weight = quantized_weight(module.weight, mode=mode, double_quant=double_quant, blocksize=blocksize, device=device)
+        q.weight = quantized_weight(module.weight, mode=mode, double_quant=double_quant, blocksize=blocksize,
+                                    device=device, dtype=compute_dtype)
         if module.bias is not None:
             q.bias = nn.Parameter(module.bias.detach().to(device, compute_dtype), requires_grad=False)
         set_module(model, name, q)

@@ -45,8 +45,15 @@ def linear4bit(module: nn.Linear, *, mode: str, compute_dtype: torch.dtype, doub
 QUANT_CHUNK_VALUES = 1 << 22
 
 
-def quantized_weight(weight: torch.Tensor, *, mode: str, double_quant: bool, blocksize: int, device) -> nn.Parameter:
-    """bitsandbytes Params4bit of a dense (out, in) weight, quantized on ``device`` chunk by chunk (fp32 input)."""
+def quantized_weight(weight: torch.Tensor, *, mode: str, double_quant: bool, blocksize: int, device,
+                     dtype: torch.dtype | None = None) -> nn.Parameter:
+    """bitsandbytes Params4bit of a dense (out, in) weight, quantized on ``device`` chunk by chunk (fp32 input).
+
+    The quant state declares ``dtype`` (default: the weight's own, as ``bitsandbytes.functional.quantize_4bit``
+    does): the dtype bitsandbytes dequantizes to. Pass the compute dtype: the packed codes and absmax do not
+    depend on it, but a bf16 run whose weights declared fp32 would dequantize every weight into an fp32 copy
+    (and miss bitsandbytes' CUDA ``dequantize_4bit(out=)``, which needs the buffer's dtype).
+    """
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbf
 
@@ -63,7 +70,7 @@ def quantized_weight(weight: torch.Tensor, *, mode: str, double_quant: bool, blo
         del x
     data, amax = torch.cat(packed), torch.cat(absmax)  # (numel / 2, 1) uint8, (numel / blocksize,) fp32
     code = bnbf.get_4bit_type(mode, device=data.device)
-    shape, dtype = weight.shape, torch.float32
+    shape, dtype = weight.shape, weight.dtype if dtype is None else dtype
     if double_quant:  # what bnbf.quantize_4bit does with compress_statistics
         offset = amax.mean()
         qabsmax, state2 = bnbf.quantize_blockwise(amax - offset, blocksize=256)
@@ -325,7 +332,7 @@ def _place(model: nn.Module, name: str, t: torch.Tensor, *, quantized: set[str],
     mod = model.get_submodule(mod_name) if mod_name else model
     if name in quantized:
         # the old path cast the whole model to the compute dtype before quantizing: same rounding here
-        mod.weight = quantized_weight(t.to(dtype), **q)
+        mod.weight = quantized_weight(t.to(dtype), dtype=dtype, **q)
         return
     value = t.to(q["device"], dtype) if t.is_floating_point() else t.to(q["device"])  # t is our own buffer
     if leaf in mod._parameters:
