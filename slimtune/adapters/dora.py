@@ -5,8 +5,9 @@ the paper's §4.3 and PEFT). y = base(x) + (m/n − 1)·(W x) + (m/n)·s·B A dr
 Merge: W' = (m / row-norm(W + ΔW)) · (W + ΔW).
 
 The norm needs the dense W. On a 4-bit base it is dequantized inside the norm computation only and freed at once;
-n is cached and recomputed only when A or B changed (their in-place version counters), i.e. once per optimizer
-step, not once per micro-batch — no bf16 copy of W is kept around.
+n is cached and recomputed only when A or B changed (the weights generation the Trainer advances after every
+optimizer step, and their in-place version counters), i.e. once per optimizer step, not once per micro-batch — no
+bf16 copy of W is kept around.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.nn as nn
 
 from slimtune.adapters.base import AdapterConfig, LowRank, PeftFactors, dense_weight, register
 from slimtune.adapters.lora import LoRA
+from slimtune.ops.generation import weights_generation
 
 
 def dora_merge(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
@@ -42,7 +44,7 @@ class DoRA(LoRA):
         with torch.no_grad():
             norm = dense_weight(base_layer).norm(dim=1)  # (out,)
         self.lora_magnitude = nn.Parameter(norm.to(self.lora_A.device))  # (out,) fp32
-        self._norm_cache: tuple[tuple[int, int, int, int], torch.Tensor] | None = None
+        self._norm_cache: tuple[tuple[int, ...], torch.Tensor] | None = None
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
@@ -59,7 +61,9 @@ class DoRA(LoRA):
 
     def weight_norm(self) -> torch.Tensor:
         """row-norm(W + s·B A), detached, fp32 (out,); cached until A or B change."""
-        key = (id(self.lora_A), self.lora_A._version, id(self.lora_B), self.lora_B._version)
+        # the generation sees every optimizer step: bitsandbytes' 8-bit AdamW writes A/B without bumping their
+        # versions (issue 23: a version-only key kept step 1's norm for the whole run)
+        key = (weights_generation(), id(self.lora_A), self.lora_A._version, id(self.lora_B), self.lora_B._version)
         if self._norm_cache is None or self._norm_cache[0] != key:
             with torch.no_grad():
                 w = dense_weight(self.base_layer)  # (out, in) fp32; may alias the base weight: never in place

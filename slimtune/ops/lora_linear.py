@@ -32,6 +32,7 @@ from slimtune.errors import ModelError, SlimtuneError
 from slimtune.ops import gemm_dequant, gemm_torch
 from slimtune.ops.autotune import autograd_trial, shape_bucket
 from slimtune.ops.dispatch import GEMM_BACKENDS, resolve_backend, triton_module
+from slimtune.ops.generation import weights_generation
 from slimtune.ops.gemm_torch import base_dmag, base_matmul, base_matmul_t, base_row_norm_sq
 from slimtune.ops.nf4 import NF4Weight, as_nf4_weight, dense_weight
 
@@ -265,9 +266,12 @@ def backend_ops(backend: str) -> SimpleNamespace:
 # DoRA norm, cached per optimizer step
 # ----------------------------------------------------------------------------------------------------------------
 
-# id(lora_B) -> (weakref to lora_B, key, norm). The key holds the storage and version counter of every tensor the
-# norm depends on: an optimizer step updates A/B/M in place and bumps their versions, so the norm is computed once
-# per step (forward, and again for free in a checkpointed recompute) and never goes stale.
+# id(lora_B) -> (weakref to lora_B, key, norm). The key holds the weights generation (slimtune.ops.generation: the
+# Trainer advances it after every optimizer step) and the storage and version counter of every tensor the norm
+# depends on, so the norm is computed once per step (forward, and again for free in a checkpointed recompute) and
+# never goes stale. The generation is what sees a step: bitsandbytes' 8-bit / paged AdamW write A/B/M without
+# bumping their versions, and FSDP2 gathers updated shards into the same unsharded tensors with their versions kept
+# (issue 23: a version-only key reused step 1's norm for ever). The versions still catch in-place edits elsewhere.
 _norm_cache: dict[int, tuple[weakref.ref, tuple, torch.Tensor]] = {}
 
 
@@ -285,13 +289,15 @@ def dora_norm(
     """n = ‖W + s·B M A‖ per row (fp32, no grad) without materialising W:
 
     n² = ‖W_o‖² + 2s·⟨B_o, (A' Wᵀ)ᵀ_o⟩ + s²·B_o (A' A'ᵀ) B_oᵀ,  A' = M A  (r, in); A' Wᵀ is an (r, out) GEMM in
-    `dtype` (the activations' dtype: tensor cores, not an fp32 CUDA-core GEMM). Cached until A, B or M change.
+    `dtype` (the activations' dtype: tensor cores, not an fp32 CUDA-core GEMM). Cached until A, B or M change in
+    place or the weights generation moves on (`slimtune.ops.generation.weights_changed`: after each optimizer step).
     """
     if lora_A is None:
         wsq = proj.base_norm_sq if proj.base_norm_sq is not None else ops.base_row_norm_sq(proj.base)
         return wsq.float().sqrt()
     dt = dtype or lora_A.dtype
-    key = (ops.name, dt, proj.scale, _base_key(proj.base), *map(_tensor_key, (lora_A, lora_B, lora_M)))
+    key = (weights_generation(), ops.name, dt, proj.scale, _base_key(proj.base),
+           *map(_tensor_key, (lora_A, lora_B, lora_M)))
     hit = _norm_cache.get(id(lora_B))
     if hit is not None and hit[0]() is lora_B and hit[1] == key:
         return hit[2]

@@ -38,6 +38,7 @@ from slimtune.models.embeddings import embeddings_to_host
 from slimtune.models.load import (DTYPES, LoadedModel, QuantConfig, load_model, peft_base_name,
                                   quant_storage_dtype, resolve_device, resolve_dtype, set_quant_storage)
 from slimtune.ops.dispatch import dispatch_report, set_backend
+from slimtune.ops.generation import weights_changed
 from slimtune.train.callbacks import KernelChoices, TrainerCallback
 from slimtune.train.checkpointing import enable_checkpointing
 from slimtune.train.distributed import DistContext, checkpoint_ranks, current, rank_rng
@@ -307,6 +308,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(rank_rng(state, self.dist, where=str(ckpt)))  # this rank's RNG
         self.pos = Position(**state["position"])
+        weights_changed()  # the loaded adapter (FSDP: written into the shards, unseen by version counters)
         self._truncate_metrics(self.pos.step)
         self.reporter.log(f"resumed from {ckpt} at step {self.pos.step}")
         return True
@@ -389,6 +391,7 @@ class Trainer:
             skipped = True
         else:
             self.optimizer.step()
+            weights_changed()  # DoRA's cached norm: 8-bit AdamW, FSDP write without version bumps (ops.generation)
         with warnings.catch_warnings():  # a skipped first step makes torch warn that the scheduler ran first
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
             self.scheduler.step()
