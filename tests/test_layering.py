@@ -1,6 +1,6 @@
 """The layering contract: slimtune's packages import one way only, without cycles — lazy imports included.
 
-    cli → bench → loram → train → eval → export → data → config → models → adapters → ops → kernels
+    cli → bench → loram → train → objectives → eval → export → data → config → models → adapters → ops → kernels
 
 An arrow is "may import"; a package may also import its own modules. ``slimtune.errors`` and ``slimtune.io`` are
 importable from every layer (they import no other slimtune module). ``slimtune.doctor``, ``smoke`` and ``demo``
@@ -30,8 +30,8 @@ from pathlib import Path
 
 
 REPO = Path(__file__).resolve().parents[1]
-LAYERS = ("cli", "bench", "loram", "train", "eval", "export", "data", "config", "models", "adapters", "ops",
-          "kernels")
+LAYERS = ("cli", "bench", "loram", "train", "objectives", "eval", "export", "data", "config", "models", "adapters",
+          "ops", "kernels")
 ANYWHERE = ("slimtune", "slimtune.errors", "slimtune.io")  # the package itself: its version only
 PLACED = {"slimtune.doctor": "cli", "slimtune.smoke": "cli", "slimtune.demo": "cli", "slimtune.__main__": "cli"}
 # (module, function) → why a dynamic import there is fine
