@@ -4,15 +4,22 @@
 time it sees (op, dtype, shape class) on a device:
 
 1. `trial(backend)` runs the op forward and backward on detached copies of the real inputs and returns every output
-   and gradient (`autograd_trial` builds one from the op's function and its tensors);
+   and gradient (`autograd_trial` builds one from the op's function and its tensors; under `torch.no_grad` the
+   forward only, as evaluation runs it). Token rows beyond `MAX_TRIAL_ROWS` are cut off: a trial never needs the
+   memory of a long micro-batch (the torch reference of `lora_mlp` holds ~18 (T, I) temporaries, far more than
+   the step it decides), and `shape_bucket` gives every larger row count the verdict measured at that size;
 2. the "torch" candidate is the reference: a candidate whose tensors differ from it by more than `TOL[dtype]`
    (‖a − b‖ / ‖b‖, per tensor) is rejected, and so is one that raises;
-3. each correct candidate runs `WARMUP` + `ITERS` times (Triton JIT compile and cuBLAS heuristics go into the warm-up);
-   the median of the timed runs decides;
+3. each correct candidate runs once more than the correctness run untimed (`WARMUP`: Triton JIT compile and cuBLAS
+   heuristics), then `ITERS` timed times; the median of the timed runs decides;
 4. the verdict (backend, why, every candidate's time or reason) is kept in memory and in a JSON file, keyed by
-   (GPU name, compute capability, torch, triton, slimtune versions) and (op, dtype, shape class), so later runs
-   start at once. The file is `$SLIMTUNE_DISPATCH_CACHE`, else `$XDG_CACHE_HOME/slimtune/dispatch.json` (default
+   (GPU name, compute capability, torch, triton, slimtune versions) and (op, dtype, shape class, grad mode: eval,
+   train, train+dx — whether X needs a gradient), so later runs start at once. The file is
+   `$SLIMTUNE_DISPATCH_CACHE`, else `$XDG_CACHE_HOME/slimtune/dispatch.json` (default
    `~/.cache/slimtune/dispatch.json`); `SLIMTUNE_DISPATCH_CACHE=off` keeps verdicts in memory only.
+5. Out of memory while measuring is a verdict for this process (not for the file: a later run may have the memory):
+   the op is never measured again at that key, and the choice is a lean backend (`default`, or the fastest correct
+   one other than the torch reference), never the reference, which needs the most memory.
 
 RNG state is saved and restored around a measurement (LoRA dropout draws its seed from torch's generator), so a run
 that measures and a run that reads the cache train identically; the caller's saved-tensor hooks (checkpointing,
@@ -52,7 +59,8 @@ __all__ = [
 
 CACHE_ENV = "SLIMTUNE_DISPATCH_CACHE"
 TOL = {torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}  # rel. error vs the torch candidate
-WARMUP, ITERS = 1, 3
+WARMUP, ITERS = 1, 3  # untimed runs after the correctness run, then timed runs
+MAX_TRIAL_ROWS = 2048  # token rows a trial runs at, at most (bf16 GEMMs are compute-bound well below this)
 Trial = Callable[[str], Sequence[torch.Tensor]]
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch.OutOfMemoryError: torch >= 2.5
 
@@ -67,7 +75,7 @@ class Verdict:
     why: str
     times_ms: dict[str, float] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
-    source: str = "measured"  # "measured" | "cache"
+    source: str = "measured"  # "measured" | "cache" | "oom" (out of memory while measuring: this process only)
 
 
 _verdicts: dict[tuple[str, str], Verdict] = {}
@@ -90,8 +98,9 @@ def note(line: str) -> None:
 
 
 def shape_bucket(n: int) -> int:
-    """Row counts are bucketed to the next power of two (at least 16): one measurement per size class."""
-    return max(16, 1 << max(int(n) - 1, 0).bit_length())
+    """Row counts are bucketed to the next power of two (at least 16): one measurement per size class. Every count
+    above `MAX_TRIAL_ROWS` shares the `MAX_TRIAL_ROWS` bucket: its trial runs at that many rows (`autograd_trial`)."""
+    return min(MAX_TRIAL_ROWS, max(16, 1 << max(int(n) - 1, 0).bit_length()))
 
 
 def _version(dist: str) -> str:
@@ -158,7 +167,8 @@ def verdicts() -> list[Verdict]:
 
 def dispatch_report() -> list[str]:
     """One line per choice `auto` made in this process (op, dtype, shape class -> backend, and why), then notes."""
-    lines = [f"{v.key}: {v.backend} ({v.why}{'; cached' if v.source == 'cache' else ''})" for v in _verdicts.values()]
+    tag = {"cache": "; cached", "oom": "; this process only"}
+    lines = [f"{v.key}: {v.backend} ({v.why}{tag.get(v.source, '')})" for v in _verdicts.values()]
     return lines + list(_notes)
 
 
@@ -183,7 +193,7 @@ def _describe(exc: BaseException) -> str:
     return f"raised {type(exc).__name__}: {msg[0][:160] if msg else ''}"
 
 
-def _measure(op: str, key: str, candidates: Sequence[str], trial: Trial, dtype, device) -> Verdict:
+def _measure(op: str, key: str, candidates: Sequence[str], trial: Trial, dtype, device, default: str) -> Verdict:
     tol = TOL.get(dtype, 3e-2)
     times, rejected = {}, {}
     reference = None
@@ -200,7 +210,7 @@ def _measure(op: str, key: str, candidates: Sequence[str], trial: Trial, dtype, 
                     rejected[name] = f"mismatch: rel. error {worst:.2e} > {tol:.0e} vs torch"
                     continue
             del out
-            for _ in range(WARMUP - 1):
+            for _ in range(WARMUP):  # the correctness run compiled; these settle caches and allocator (untimed)
                 trial(name)
             samples = []
             for _ in range(ITERS):
@@ -214,8 +224,14 @@ def _measure(op: str, key: str, candidates: Sequence[str], trial: Trial, dtype, 
             if name == "torch":
                 raise
             rejected[name] = _describe(exc)
-    best = min(times, key=times.get)
     others = ", ".join(f"{n} {t:.3g} ms" for n, t in sorted(times.items(), key=lambda kv: kv[1]))
+    oom = sorted(n for n, why in rejected.items() if why.startswith(f"raised {_OOM.__name__}"))
+    if oom:  # memory is short here: never the torch reference, the candidate that needs the most (issue 23)
+        lean = {n: t for n, t in times.items() if n != "torch"}
+        best = min(lean, key=lean.get) if lean else (default if default in oom else "torch")
+        why = f"out of memory measuring {', '.join(oom)}: {best}, the leanest usable; measured: {others}"
+        return Verdict(op=op, key=key, backend=best, why=why, times_ms=times, rejected=rejected, source="oom")
+    best = min(times, key=times.get)
     why = f"fastest correct: {others}" + (f"; rejected {', '.join(sorted(rejected))}" if rejected else "")
     return Verdict(op=op, key=key, backend=best, why=why, times_ms=times, rejected=rejected)
 
@@ -229,8 +245,10 @@ def choose(
 ) -> str:
     """The backend for (op, dtype, shape class) on `device`: from memory, the cache file, or measured now.
 
-    Running out of memory while measuring is circumstantial (a long first batch, say): the op then runs `default`
-    this time, nothing is cached, and the next call measures again.
+    Running out of memory while measuring is circumstantial (a long first batch, say): the outcome is kept for this
+    process only (not in the file) and the op is not measured again at that key — measuring at every call would
+    repeat the trial in every layer, recompute and step, each one flushing the CUDA cache. When the torch reference
+    itself runs out, the op runs `default` (the lean backend: dequant for the GEMM ops) unmeasured.
     """
     device = torch.device(device)
     env_key = environment_key(device)
@@ -253,11 +271,11 @@ def choose(
             torch.autograd.graph.saved_tensors_hooks(_same, _same),
         ):
             try:
-                v = _measure(op, entry_key, candidates, trial, dtype, device)
-            except _OOM:
-                note(f"{entry_key}: out of memory while measuring; ran {default}, will measure again")
-                return default
-        if any(r.startswith("raised OutOfMemoryError") for r in v.rejected.values()):
+                v = _measure(op, entry_key, candidates, trial, dtype, device, default)
+            except _OOM:  # the reference ran out: nothing to compare with; remembered, never retried (issue 23)
+                v = Verdict(op=op, key=entry_key, backend=default, source="oom",
+                            why=f"out of memory while measuring the torch reference: {default}, unmeasured")
+        if v.source == "oom":
             _verdicts[(env_key, entry_key)] = v  # this process only: a later run may have the memory
             return v.backend
         _write_disk(env_key, entry_key, v)
@@ -265,17 +283,26 @@ def choose(
     return v.backend
 
 
-def autograd_trial(fn: Callable[..., object], tensors: Sequence[torch.Tensor | None]) -> Trial:
+def autograd_trial(fn: Callable[..., object], tensors: Sequence[torch.Tensor | None], *, rows: int = 0) -> Trial:
     """A trial for `choose`: fn(backend, *copies) on detached copies of `tensors` (same requires_grad), then one
     backward with fixed pseudo-random cotangents; returns outputs + the gradients of every copy that requires grad.
+
+    The first `rows` tensors hold tokens in their rows ((..., features), flattened to (T, features)): their copies
+    keep the first `MAX_TRIAL_ROWS` rows only. Built under `torch.no_grad` (evaluation) the trial runs the forward
+    only, as the op will. The cotangents are drawn once, in the first (untimed correctness) run, and reused.
     """
     cotangents: list[torch.Tensor] = []
+    grad = torch.is_grad_enabled()  # the caller's mode: choose() measures under enable_grad
+
+    def copy(i: int, t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        if i < rows:  # a trial never needs more memory than MAX_TRIAL_ROWS tokens (issue 23)
+            t = t.reshape(-1, t.shape[-1])[:MAX_TRIAL_ROWS]
+        return t.detach().clone().requires_grad_(grad and t.requires_grad and t.is_floating_point())
 
     def run(backend: str) -> list[torch.Tensor]:
-        leaves = [
-            None if t is None else t.detach().clone().requires_grad_(t.requires_grad and t.is_floating_point())
-            for t in tensors
-        ]
+        leaves = [copy(i, t) for i, t in enumerate(tensors)]
         outs = fn(backend, *leaves)
         outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
         diff = [o for o in outs if isinstance(o, torch.Tensor) and o.requires_grad]

@@ -210,4 +210,8 @@ def _auto(x, op, shape_class, trial, choices) -> Backend:
     if op is None or trial is None or len(candidates) == 1 or torch.compiler.is_compiling():
         return default
     shape = shape_class or f"{autotune.shape_bucket(x.numel() // max(x.shape[-1], 1))}x{x.shape[-1]}"
-    return autotune.choose(op, shape, candidates, trial, dtype=x.dtype, device=x.device, default=default)
+    # what the op will run: an evaluation's forward, or forward + backward with or without dX (issue 23: a
+    # verdict measured in evaluation was reused for training)
+    mode = "eval" if not torch.is_grad_enabled() else ("train+dx" if x.requires_grad else "train")
+    return autotune.choose(op, f"{shape}|{mode}", candidates, trial, dtype=x.dtype, device=x.device,
+                           default=default)

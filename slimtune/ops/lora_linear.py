@@ -139,7 +139,8 @@ def lora_projection(x: torch.Tensor, proj: LoRAProjection, *, backend: str | Non
     x2 = x.reshape(-1, x.shape[-1])
     b = resolve_backend(
         x, backend, op="lora_linear", shape_class=gemm_shape_class(x2, (proj,)), choices=GEMM_BACKENDS,
-        trial=autograd_trial(lambda b, x, *f: qlora_linear(x, proj=_with(proj, f), backend=b), (x2, *proj.factors())),
+        trial=autograd_trial(lambda b, x, *f: qlora_linear(x, proj=_with(proj, f), backend=b), (x2, *proj.factors()),
+                             rows=1),
     )
     y = qlora_linear(x2, proj=proj, backend=b)
     return y.reshape(*lead, y.shape[-1])

@@ -285,7 +285,7 @@ def lora_mlp(
 
     b = resolve_backend(
         x, backend, op="lora_mlp", shape_class=f"{gemm_shape_class(x2, projs)}|{activation}", choices=GEMM_BACKENDS,
-        trial=autograd_trial(fn, (x2, *factors)),
+        trial=autograd_trial(fn, (x2, *factors), rows=1),
     )
     y = lora_mlp_fused(
         x2, gate=gate, up=up, down=down, gate_up=gate_up, backend=b, inplace_input_grad=inplace_input_grad,

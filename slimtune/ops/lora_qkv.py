@@ -110,7 +110,7 @@ def lora_qkv(
 
     b = resolve_backend(
         x, backend, op="lora_qkv", shape_class=gemm_shape_class(x2, (q, k, v)), choices=GEMM_BACKENDS,
-        trial=autograd_trial(fn, (x2, *q.factors(), *k.factors(), *v.factors())),
+        trial=autograd_trial(fn, (x2, *q.factors(), *k.factors(), *v.factors()), rows=1),
     )
     outs = lora_qkv_fused(x2, q=q, k=k, v=v, backend=b)
     return tuple(o.reshape(*lead, o.shape[-1]) for o in outs)

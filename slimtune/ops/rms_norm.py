@@ -137,6 +137,7 @@ def rms_norm(
         raise ValueError(f"rms_norm: save must be 'input' or 'output', not {save!r}")
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"rms_norm: weight {tuple(weight.shape)} does not match x {tuple(x.shape)}")
-    trial = autograd_trial(lambda b, x, w: rms_norm(x, w, eps=eps, save=save, backend=b, offset=offset), (x, weight))
+    trial = autograd_trial(lambda b, x, w: rms_norm(x, w, eps=eps, save=save, backend=b, offset=offset), (x, weight),
+                           rows=1)  # tokens cut to autotune.MAX_TRIAL_ROWS
     prims = primitives(resolve_backend(x, backend, op="rms_norm", trial=trial))  # auto: measured (helper A)
     return RMSNormFunction.apply(x, weight, float(eps), float(offset), save == "output", prims)
