@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -15,6 +17,7 @@ from rich.table import Table
 from slimtune.cli.app import (INTERRUPTED_EXIT, RECIPES_DIR, RecipeArg, RichReporter, SetOpt, SmokeDirOpt, SmokeOpt,
                               _human, _load, _print_loram_summary, app, console, guarded)
 from slimtune.errors import SlimtuneError
+from slimtune.train.runlock import LOCK_NAME, RunLock
 
 
 @app.command()
@@ -38,12 +41,8 @@ def run(
         show_default=False)] = None,
 ) -> None:
     """Run a recipe: every stage (train, export, merge, evaluate) not yet done."""
-    from slimtune.bench.hints import EstimateOnOOM
-    from slimtune.loram.pipeline import run_loram
     from slimtune.models.load import resolve_device
-    from slimtune.train import distributed, faults
-    from slimtune.train.runner import run_recipe
-
+    from slimtune.train import distributed
     from slimtune.train.loggers import check_available
 
     r = _load(recipe, set_, smoke, smoke_dir)
@@ -52,9 +51,6 @@ def run(
         check_available(sr.train.report_to)  # a logger's missing library: one line before the model loads
     _check_data(r, recipe.parent, skip_lenient=True)  # a wrong format or field: file:line before the model loads
     if nproc is not None and nproc > 1 and not distributed.launched_by_torchrun():  # checked once, then N processes
-        import os
-        import sys
-
         os.execv(sys.executable, distributed.torchrun_argv(nproc, sys.argv[1:]))
     device = resolve_device(r.train.device)
     distributed.init_from_env(device)  # torchrun: join the process group (NCCL on CUDA, gloo on the CPU)
@@ -66,9 +62,30 @@ def run(
     command = _command_line(recipe, set_, smoke, smoke_dir)
     run_dir = r.run_dir()
     main = distributed.is_main()  # torchrun: rank 0 alone writes and prints
+    lock = RunLock(run_dir).acquire() if main else None  # one run per folder: a second one is one line, exit 2
+    try:
+        _run_locked(r, recipe, run_dir, res, restart, quiet, command, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(r, recipe: Path, run_dir: Path, res: bool | Path, restart: bool, quiet: bool, command: str,
+                lock: RunLock | None) -> None:
+    """``run`` once this process holds the run folder (rank 0) or is a torchrun peer (``lock`` None)."""
+    from slimtune.bench.hints import EstimateOnOOM
+    from slimtune.loram.pipeline import run_loram
+    from slimtune.models.load import resolve_device
+    from slimtune.train import distributed, faults
+    from slimtune.train.runner import run_recipe
+
+    main = lock is not None
     if restart and main:
         moved = move_aside(run_dir)
         if moved is not None:
+            lock.release()  # the lock file moved with the old folder: take the new folder's
+            lock.run_dir = run_dir
+            lock.acquire()
             console.print(f"--restart: the previous run is kept in {moved}", highlight=False)
     elif not res:
         _check_unchanged(r, run_dir, command)
@@ -77,15 +94,21 @@ def run(
     distributed.barrier()  # the others look at the run folder once rank 0 has moved it aside / recorded the run
     callbacks = [EstimateOnOOM(), *faults.from_env()]  # SLIMTUNE_FAULT: the crash tests' faults, read once here
     runner = run_loram if r.loram is not None else run_recipe  # LoRAM: prune → align → train → recover → merge
-    with distributed.session(device):  # a failed collective: one line (exit 5); a clean end leaves the group
+    device = resolve_device(r.train.device)
+    with distributed.session(device, callbacks):  # a failed collective: one line (exit 5); a clean end leaves
         result = runner(r, base_dir=recipe.parent, reporter=RichReporter(quiet or not main), resume=res,
                         callbacks=callbacks)
     if res and main:
         _record_run(r, run_dir, command)
     if main:
         _print_run_summary(result, command)
-    if result.get("interrupted"):  # stopped by SIGINT/SIGTERM after saving: not finished, so not exit code 0
-        raise typer.Exit(INTERRUPTED_EXIT)
+    code = INTERRUPTED_EXIT if result.get("interrupted") else 0  # stopped by SIGINT/SIGTERM after saving: not 0
+    if distributed.left_alone():  # a peer never left the group: the interpreter's teardown could wait on it forever
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        raise typer.Exit(code)
 
 
 def _check_data(r, base_dir: Path, *, skip_lenient: bool = False) -> list[dict]:
@@ -113,7 +136,7 @@ def _command_line(recipe: Path, set_: list[str] | None, smoke: bool, smoke_dir: 
 
 def move_aside(run_dir: Path) -> Path | None:
     """Rename a run folder to <dir>.old-<YYYYmmdd-HHMMSS>[-N] (nothing is deleted). None if there was none."""
-    if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
+    if not run_dir.exists() or (run_dir.is_dir() and not any(p.name != LOCK_NAME for p in run_dir.iterdir())):
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S")
     target = run_dir.with_name(f"{run_dir.name}.old-{stamp}")

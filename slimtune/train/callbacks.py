@@ -66,6 +66,11 @@ class TrainerCallback:
     def on_train_end(self, trainer: Trainer, summary: dict[str, Any]) -> None:
         pass
 
+    def on_run_end(self, ctx: Any) -> None:
+        """The whole run's results are written (every stage); called on every rank before it leaves the process group
+        (``ctx``: its ``DistContext``, None when alone). Callbacks given to ``distributed.session`` only."""
+        pass
+
 
 class KernelChoices(TrainerCallback):
     """Logs, once after the first step, every backend `train.kernels: auto` chose for the fused ops and why

@@ -41,6 +41,8 @@ import contextlib
 import datetime
 import os
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -332,15 +334,67 @@ def init_from_env(device: torch.device) -> DistContext | None:
     return _CURRENT
 
 
+LEAVE_TIMEOUT_ENV = "SLIMTUNE_LEAVE_TIMEOUT"
+DEFAULT_LEAVE_TIMEOUT_S = 60.0  # the results are written by then: the peers have nothing left but to leave
+_LEFT_ALONE = False  # set when this rank left the group without its peers (the CLI then exits at once)
+
+
+def _leave_timeout() -> float:
+    raw = os.environ.get(LEAVE_TIMEOUT_ENV, "")
+    try:
+        return float(raw) if raw else DEFAULT_LEAVE_TIMEOUT_S
+    except ValueError:
+        raise SlimtuneError(f"{LEAVE_TIMEOUT_ENV}={raw}: not a number of seconds") from None
+
+
+def _bounded(fn: Callable[[], Any], seconds: float) -> bool:
+    """Run ``fn`` in a daemon thread; True if it returned within ``seconds`` (an error counts as not returning).
+
+    torch's collectives and ``destroy_process_group`` can block in C++ with no timeout of their own once a peer is
+    gone (a gloo rank was seen to wait in teardown forever after its peer exited): the thread is abandoned then.
+    """
+    done, ok = threading.Event(), []
+
+    def target() -> None:
+        try:
+            fn()
+            ok.append(True)
+        except Exception:  # a peer that closed its connection: gloo raises at once
+            pass
+        finally:
+            done.set()
+
+    threading.Thread(target=target, name="slimtune-leave", daemon=True).start()
+    return done.wait(seconds) and bool(ok)
+
+
 def shutdown() -> None:
-    """Leave the process group (after a clean run; after a failure the process just exits)."""
-    global _CURRENT
-    if _CURRENT is not None and dist.is_initialized():
-        # every rank leaves together: a gloo rank that destroyed its group while its peer was still working (LoRAM's
-        # rank 0 recovers and merges alone) was seen to wait in destroy_process_group forever once the peer exited
-        dist.barrier()
-        dist.destroy_process_group()
+    """Leave the process group after a clean run, in bounded time on every rank.
+
+    Every rank meets at a last barrier first (a rank that destroyed its group while a peer was still working was seen
+    to hang), then destroys the group. Both wait at most ``SLIMTUNE_LEAVE_TIMEOUT`` seconds (default 60): a peer that
+    exited or stopped answering after the results were written must not keep this rank alive. Past that the rank
+    says so in one line and leaves regardless (``left_alone()``; the CLI then ends the process at once, since the
+    abandoned collective may block the interpreter's own exit).
+    """
+    global _CURRENT, _LEFT_ALONE
+    ctx = _CURRENT
     _CURRENT = None
+    if ctx is None or not dist.is_initialized():
+        return
+    seconds = _leave_timeout()
+    t0 = time.monotonic()
+    if _bounded(dist.barrier, seconds) and _bounded(dist.destroy_process_group,
+                                                     max(1.0, seconds - (time.monotonic() - t0))):
+        return
+    _LEFT_ALONE = True
+    print(f"rank {ctx.rank}/{ctx.world}: the other ranks did not leave the process group within {seconds:.0f} s "
+          f"({LEAVE_TIMEOUT_ENV}); leaving without them (the results are written)", file=sys.stderr, flush=True)
+
+
+def left_alone() -> bool:
+    """Whether ``shutdown`` gave up on its peers (the process should end without the interpreter's teardown)."""
+    return _LEFT_ALONE
 
 
 def _is_comm_error(e: BaseException) -> bool:
@@ -353,9 +407,9 @@ def _is_comm_error(e: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def session(device: torch.device) -> Iterator[DistContext | None]:
+def session(device: torch.device, callbacks: list[TrainerCallback] = ()) -> Iterator[DistContext | None]:
     """Join the process group for a run (nothing when alone); a failed collective becomes ``DistributedError``;
-    a clean end leaves the group."""
+    a clean end calls every callback's ``on_run_end`` and leaves the group (bounded: ``shutdown``)."""
     ctx = init_from_env(device)
     try:
         yield ctx
@@ -366,6 +420,8 @@ def session(device: torch.device) -> Iterator[DistContext | None]:
         raise DistributedError(f"rank {ctx.rank}/{ctx.world}: a collective failed ({first[:200]}); another rank "
                                f"died or stopped answering within {timeout().total_seconds():.0f} s "
                                f"({TIMEOUT_ENV}); continue with --resume") from None
+    for cb in callbacks:
+        cb.on_run_end(ctx)
     shutdown()
 
 

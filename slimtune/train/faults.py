@@ -7,12 +7,17 @@ checkpoint of step K (after the weights, before trainer.pt and the COMPLETE mark
 In-process tests append these to ``trainer.callbacks`` (or pass ``run_recipe(..., callbacks=...)``). Tests that run
 ``slimtune run`` in a subprocess cannot do that: for them the CLI reads ``SLIMTUNE_FAULT`` (``nan@K``, ``oom@K``,
 ``kill_ckpt@K``, comma-separated) once at start-up through ``from_env``; the loop itself never looks at it.
+
+Two faults of a process group's end take a rank instead of a step: ``quit_at_end@R`` (rank R exits at once after the
+results are written, without leaving the group: a peer that is gone) and ``stall_at_end@R`` (rank R never leaves:
+a peer that stopped answering). The other ranks must still end, in bounded time (``distributed.shutdown``).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -55,7 +60,30 @@ class KillInCheckpointAt(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-KINDS: dict[str, type[TrainerCallback]] = {"nan": NanLossAt, "oom": OomAt, "kill_ckpt": KillInCheckpointAt}
+class QuitAtEnd(TrainerCallback):
+    """Rank ``rank`` exits (code 0) once the run's results are written, without leaving the process group."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def on_run_end(self, ctx) -> None:
+        if ctx is not None and ctx.rank == self.rank:
+            os._exit(0)
+
+
+class StallAtEnd(TrainerCallback):
+    """Rank ``rank`` stops answering once the run's results are written (it sleeps until killed)."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def on_run_end(self, ctx) -> None:
+        while ctx is not None and ctx.rank == self.rank:
+            time.sleep(1.0)
+
+
+KINDS: dict[str, type[TrainerCallback]] = {"nan": NanLossAt, "oom": OomAt, "kill_ckpt": KillInCheckpointAt,
+                                           "quit_at_end": QuitAtEnd, "stall_at_end": StallAtEnd}
 
 
 def from_spec(spec: str) -> list[TrainerCallback]:

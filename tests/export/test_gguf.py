@@ -231,3 +231,78 @@ def test_lora_gguf_folds_back_to_peft(smol):
         llama_scale = alpha / a.shape[0]  # what llama.cpp multiplies lora_b·lora_a by
         want = d.scale * (d.B.float() @ d.A.float())
         torch.testing.assert_close(llama_scale * (b @ a), want, rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------ llama.cpp itself
+LLAMACPP_RUN = Path(__file__).with_name("llamacpp_run.py")
+N_PREDICT = 10
+
+
+def _llamacpp(tmp_path: Path, model: Path, lora: Path | None = None) -> list[dict]:
+    """Greedy completions of smol.chat by llama.cpp (xllamacpp) in a subprocess, bounded by a timeout."""
+    import os
+    import sys
+
+    from subprocs import Proc
+
+    pytest.importorskip("xllamacpp")
+    req = tmp_path / "request.json"
+    req.write_text(json.dumps({"model": str(model), "lora": str(lora) if lora else None, "prompts": PROMPTS_CHAT,
+                               "n_predict": N_PREDICT, "n_probs": 3}))
+    with Proc([sys.executable, str(LLAMACPP_RUN), str(req)], env={**os.environ, "OMP_NUM_THREADS": "1"}) as p:
+        out, err = p.wait(240, "llama.cpp")
+    assert p.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+PROMPTS_CHAT: list[str] = []  # smol.chat, filled by the fixture below (module-level for the request file)
+
+
+@pytest.fixture(scope="module")
+def merged_top(smol):
+    """The merged fp32 model's greedy continuation of each chat prompt and its log-probs at every generated position."""
+    PROMPTS_CHAT[:] = smol.chat
+    rows = []
+    for text, answer in zip(smol.chat, smol.answers):
+        prompt = smol.tok(text, return_tensors="pt")["input_ids"][0].tolist()
+        ids = torch.tensor([prompt + answer[:N_PREDICT]])
+        with torch.no_grad():
+            logp = torch.log_softmax(smol.model(ids).logits[0, len(prompt) - 1:-1].double(), -1)  # (N_PREDICT, V)
+        rows.append({"tokens": answer[:N_PREDICT], "logp": logp})
+    return rows
+
+
+def _agrees(got: list[dict], want: list[dict], logprob_tol: float, min_per_answer: int = 3) -> None:
+    """llama.cpp's greedy tokens equal the merged model's up to the first near-tie (top-2 gap under 2·tol, where
+    rounding may legitimately pick the other), and its top log-probs are the merged model's within ``logprob_tol``."""
+    compared = 0
+    for g, w in zip(got, want):
+        for pos, tok in enumerate(w["tokens"]):
+            top2 = w["logp"][pos].topk(2)
+            if pos >= len(g["tokens"]):
+                break
+            for tid, lp in g["top"][pos]:  # every token llama.cpp ranks near the top: our log-prob of it
+                assert abs(lp - float(w["logp"][pos][tid])) <= logprob_tol, (pos, tid, lp, float(w["logp"][pos][tid]))
+            compared += 1
+            if float(top2.values[0] - top2.values[1]) < 2 * logprob_tol:
+                break  # a near-tie: the continuations may part here
+            assert g["tokens"][pos] == tok, (pos, g["tokens"], w["tokens"])
+    assert compared >= len(want) * min_per_answer, compared  # not just a first token (unless ties come at once)
+
+
+def test_llamacpp_answers_like_the_merged_model_from_f16_and_q4_k_m(smol, merged_top, tmp_path):
+    _agrees(_llamacpp(tmp_path, _file(smol, "F16")), merged_top, logprob_tol=0.05)
+    # Q4_K_M: 4-5 bit weights move log-probs by tenths (perplexity +15 %, above): the same answers up to a near-tie
+    _agrees(_llamacpp(tmp_path, _file(smol, "Q4_K_M")), merged_top, logprob_tol=0.6, min_per_answer=1)
+
+
+def test_llamacpp_applies_the_lora_gguf_like_the_merged_model(smol, merged_top, tmp_path):
+    from slimtune.export.lora_gguf import export_lora_gguf
+
+    base = smol.out / "smol-base-F16.gguf"
+    if not base.is_file():
+        export_gguf(NAME, None, base, quant="F16", tokenizer=smol.tok)
+    lora = export_lora_gguf(NAME, read_peft(smol.out / "peft"), smol.out / "smol-lora-llamacpp.gguf")
+    _agrees(_llamacpp(tmp_path, base, lora), merged_top, logprob_tol=0.05)
+    without = _llamacpp(tmp_path, base)  # the adapter matters: the base alone answers otherwise
+    assert any(g["tokens"] != w["tokens"] for g, w in zip(without, merged_top))

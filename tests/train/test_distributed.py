@@ -30,14 +30,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
+from subprocs import Proc, descendants
 
 from slimtune.train.distributed import DistContext, _PadBatch, torchrun_argv
 from slimtune.train.state import list_checkpoints
@@ -119,51 +120,47 @@ def adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 class Torchrun:
-    """`torchrun --standalone --nproc-per-node 2 -m slimtune run RECIPE [ARGS]` as a subprocess."""
+    """`torchrun --standalone --nproc-per-node 2 -m slimtune run RECIPE [ARGS]` as a subprocess (subprocs.Proc:
+    output in files, the whole tree killed on a timeout, workers in their own sessions included)."""
 
     def __init__(self, recipe: Path, env: dict[str, str], cwd: Path):
         self.recipe, self.env, self.cwd = recipe, env, cwd
 
-    def start(self, *extra: str) -> subprocess.Popen:
+    def start(self, *extra: str) -> Proc:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "slimtune", "run", str(self.recipe), *extra]
-        return subprocess.Popen(cmd, env=self.env, cwd=self.cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, start_new_session=True)  # its own group: finish() kills it whole
+        return Proc(cmd, env=self.env, cwd=self.cwd)
 
 
-def finish(proc: subprocess.Popen, timeout: float, what: str = "torchrun") -> tuple[str, str]:
-    """Wait for a torchrun job; past ``timeout`` kill it with its workers: a hang fails the test, never outlives it."""
-    try:
-        return proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{what} did not end within {timeout} s:\n{out[-2000:]}\n{err[-4000:]}")
+def finish(proc: Proc, timeout: float, what: str = "torchrun") -> tuple[str, str]:
+    """Wait for a torchrun job; past ``timeout`` kill it with every worker: a hang fails the test, never outlives it."""
+    with proc:
+        return proc.wait(timeout, what)
 
 
-def worker(proc: subprocess.Popen, rank: int, timeout: float = 60):
-    import psutil
-
+def worker(proc: Proc, rank: int, timeout: float = 60):
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
-        for child in psutil.Process(proc.pid).children(recursive=True):
+        for child in descendants(proc.pid):
             try:
                 if child.environ().get("RANK") == str(rank):
                     return child
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
         time.sleep(0.05)
+    proc.kill()
     pytest.fail(f"no rank {rank} worker in {timeout} s")
 
 
-def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 120) -> None:
+def wait_for_step(proc: Proc, run_dir: Path, step: int, timeout: float = 120) -> None:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         rows = metric_rows(run_dir)
         if rows and rows[-1]["step"] >= step:
             return
         if proc.poll() is not None:
-            out, err = proc.communicate()
+            out, err = proc.output()
+            proc.kill()
             pytest.fail(f"torchrun ended (rc {proc.returncode}) before step {step}:\n{out}\n{err[-4000:]}")
         time.sleep(0.02)
     proc.kill()
@@ -247,6 +244,37 @@ def test_two_ranks_equal_one_rank_survive_sigkill_and_resume_exactly(tmp_path, t
     print(f"\n2 ranks × micro_batch 2 vs 1 rank × micro_batch 4, {STEPS} steps: max |Δ adapter| {worst:.2e}, "
           f"max rel Δ loss {rel_loss:.2e}"
           f"; torchrun ended {ended_after:.1f} s after the SIGKILL of rank 1")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["quit_at_end", "stall_at_end"])
+def test_a_finished_rank_leaves_in_bounded_time_when_its_peer_is_gone(tmp_path, tiny_model_dir, rel, fault):
+    """Rank 1 exits once the results are written without leaving the process group (quit_at_end), or never leaves
+    (stall_at_end): rank 0 still ends with exit code 0 within SLIMTUNE_LEAVE_TIMEOUT, saying so in one line."""
+    run_dir = tmp_path / "run"
+    r = dp_recipe(rel, tiny_model_dir, run_dir, micro_batch=2)
+    r["train"].update({"steps": 2, "save_every": 0, "eval_every": 0})
+    env = {**os.environ, **rel.env, "SLIMTUNE_DIST_TIMEOUT": "300", "SLIMTUNE_LEAVE_TIMEOUT": "5",
+           "SLIMTUNE_FAULT": f"{fault}@1"}
+    proc = Torchrun(rel.write_recipe(tmp_path / "r.yaml", r), env, tmp_path).start()
+    with proc:
+        rank0 = worker(proc, 0)
+        t0 = time.monotonic()
+        while rank0.is_running() and rank0.status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() - t0 < 180, "rank 0 did not end"
+            proc.poll()
+            time.sleep(0.1)
+        if fault == "quit_at_end":  # both workers gone: torchrun reports both exit codes
+            out, err = proc.wait(60, "torchrun")
+            assert proc.returncode == 0, (out, err[-3000:])
+        else:  # rank 1 still sleeps: the test kills it (torchrun would wait for it)
+            out, err = proc.output()
+            proc.kill()
+    assert (run_dir / "run_summary.json").is_file(), err[-3000:]
+    assert len(metric_rows(run_dir)) == 2
+    said = [line for line in err.splitlines() if "did not leave the process group" in line]
+    assert len(said) == 1 and said[0].startswith("rank 0/2:"), err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
 
 
 def test_shard_takes_the_ranks_rows_and_pads_past_the_end():
