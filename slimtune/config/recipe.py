@@ -282,6 +282,11 @@ class Recipe(BaseModel):
                 what = "LoRAM (its pruned model is small)" if self.loram else "full fine-tuning (adapter.kind full)"
                 raise ValueError(f"{where}train.distributed: fsdp shards a frozen base under adapters; {what} runs "
                                  f"with train.distributed: ddp")
+            if st.kind == "train" and r.quant.compute_dtype == "float16" and r.train.fused and r.adapter.kind != "full":
+                # the Trainer has no loss scaling: fp16 gradients through the fused ops underflow (issue 23)
+                raise ValueError(f"quant.compute_dtype: float16 with {where}train.fused: the fused ops train without "
+                                 "loss scaling (small fp16 gradients flush to zero); use bfloat16, or float32 on a "
+                                 "GPU without bfloat16")
             if (st.kind == "train" and r.train.eval_every and r.data is not None and not r.data.holdout
                     and not r.data.eval_sources):
                 raise ValueError(f"{where}train.eval_every: needs validation records: set data.val_split (a "

@@ -5,7 +5,7 @@ Same four primitives, names and signatures as slimtune/ops/gemm_torch.py (see th
 * W (out, in) is dequantized into one scratch buffer per (device, dtype), grown to the largest weight seen and
   reused by every layer (Llama-3.1-8B: 14336 x 4096 bf16 = 112 MiB, once, instead of one transient W per call).
   Writers, in order of preference: bitsandbytes' `dequantize_4bit(out=...)` (its CUDA kernel on a GPU), the Triton
-  dequant kernel (slimtune/kernels/nf4.py) on CUDA without bitsandbytes, the exact torch reference otherwise
+  dequant kernel (slimtune/kernels/nf4.py) on CUDA sm_80+ without bitsandbytes, the exact torch reference otherwise
   (and always where 4-bit blocks straddle rows: bitsandbytes' CPU kernel is wrong there, tests/kernels/test_nf4.py).
 * The GEMMs are `torch.mm`/`addmm` with `out=` and in-place `addmm_` for the LoRA term: no (T, out) temporaries.
 * The DoRA column scale c = m/n is folded into the buffer's rows (c·W, out x in) and into the LoRA right factor
@@ -23,7 +23,7 @@ import importlib.util
 
 import torch
 
-from slimtune.ops.dispatch import triton_module
+from slimtune.ops.dispatch import triton_allowed, triton_module
 from slimtune.ops.nf4 import NF4Weight
 
 __all__ = ["base_matmul", "base_matmul_t", "base_dmag", "base_row_norm_sq", "release_buffers", "buffer_bytes"]
@@ -70,7 +70,8 @@ def _writer(base: NF4Weight, dtype: torch.dtype) -> str:
     qs = base.quant_state
     if aligned and qs is not None and qs.dtype == dtype and _bnb_available():
         return "bnb"
-    if base.device.type == "cuda" and triton_module("nf4") is not None:
+    # triton_allowed: not below sm_80, where the fused kernels are gated off too (issue 23: this writer was not)
+    if base.device.type == "cuda" and triton_allowed(base.packed) and triton_module("nf4") is not None:
         return "triton"
     return "torch"
 

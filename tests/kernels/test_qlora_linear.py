@@ -323,6 +323,25 @@ def test_dequant_backend_triton_writer_without_bitsandbytes(monkeypatch):
     check_against_float64(proj, torch.float32, "dequant", seed=82)
 
 
+def test_dequant_writer_is_not_triton_below_sm80(monkeypatch):
+    """Issue 23: the dequant backend's buffer writer chose the Triton kernel on any CUDA device, also below sm_80
+    where the fused kernels are gated off (dispatch.triton_allowed); now it falls back to the torch writer."""
+    from types import SimpleNamespace
+
+    from slimtune.ops import dispatch
+
+    monkeypatch.setattr(dispatch, "_triton_ok", True)
+    monkeypatch.setattr(dq, "triton_module", lambda name: SimpleNamespace())  # "installed"
+    gpu = torch.device("cuda", 0)
+    base = SimpleNamespace(in_features=IN, blocksize=64, quant_state=None, device=gpu,
+                           packed=SimpleNamespace(is_cuda=True, device=gpu))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 5))
+    assert dq._writer(base, torch.float16) == "torch"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
+    assert dq._writer(base, torch.float16) == "triton"
+
+
 PRECISION = """
 import torch
 from slimtune.kernels.qlora_linear import _dot_precision
