@@ -243,7 +243,10 @@ class LocalShards(PairedOptimizer):
         self._sync_hyperparameters()  # the lr the schedule set
         for p, lp in self._pairs():
             g = p.grad
-            lp.grad = None if g is None else (g.to_local() if isinstance(g, DTensor) else g)
+            # a rank may hold no rows of a tensor (a rank-1 adapter's A over 2 ranks): without a gradient the inner
+            # optimizer skips it, where bitsandbytes' CUDA kernels would launch an empty grid ("invalid configuration
+            # argument", issue 23); the shard stays in the groups, so clipping and zero_grad see every parameter
+            lp.grad = None if g is None or lp.numel() == 0 else (g.to_local() if isinstance(g, DTensor) else g)
         self.inner.step()
         for _, lp in self._pairs():
             lp.grad = None

@@ -69,3 +69,26 @@ def test_lora_inject_then_place_rest_leaves_adapters_trainable():
     _place_rest(model, torch.device("meta"), keep=None)
     trained = [p for p in model.parameters() if p.requires_grad]
     assert trained and all(p.is_meta and isinstance(p, nn.Parameter) for p in trained)
+
+
+def test_local_shards_skip_empty_shards():
+    """Issue 23: a rank holding no rows of a tensor (a rank-1 adapter's A over 2 ranks) handed its empty shard to
+    the inner optimizer, and bitsandbytes' CUDA optimizers fail on the empty launch grid. The empty shard gets no
+    gradient (so no optimizer state and no kernel launch), stays in the groups, and the others step as alone."""
+    cfg = TrainConfig(lr=1e-2, weight_decay=0.1)
+    torch.manual_seed(0)
+    empty = nn.Parameter(torch.zeros(0, 8))  # this rank's shard of a (1, 8) lora_A
+    full = nn.Parameter(torch.randn(4, 8))
+    twin = nn.Parameter(full.detach().clone())
+    wrapped = LocalShards([empty, full], lambda local: build_optimizer(local, cfg))
+    alone = build_optimizer([twin], cfg)
+    for step in range(2):
+        g = torch.randn(4, 8)
+        empty.grad, full.grad, twin.grad = torch.zeros(0, 8), g.clone(), g.clone()
+        wrapped.step()
+        alone.step()
+    inner_params = [lp for grp in wrapped.inner.param_groups for lp in grp["params"]]
+    stepped = [lp for lp in inner_params if lp in wrapped.inner.state]
+    assert [tuple(lp.shape) for lp in stepped] == [(4, 8)]  # no state (no launch) for the empty shard
+    assert sum(len(grp["params"]) for grp in wrapped.param_groups) == 2  # clipping / zero_grad see both
+    assert torch.equal(full, twin)
