@@ -48,5 +48,41 @@ def generate(out_dir: Path, *, n_train: int = 480, n_test: int = 64, seed: int =
     return paths[0], paths[1]
 
 
+def wrong_answer(d: dt.date, rng: random.Random) -> str:
+    """A plausible wrong answer: the neighbouring month, the day off by one or two, or the year off by one."""
+    how = rng.randrange(3)
+    if how == 0:
+        return f"{MONTHS[(d.month - 1 + rng.choice((-1, 1))) % 12]} {d.day}, {d.year}"
+    if how == 1:
+        day = d.day + rng.choice((-2, -1, 1, 2))
+        return f"{MONTHS[d.month - 1]} {day if 1 <= day <= 28 else d.day % 28 + 1}, {d.year}"
+    return f"{MONTHS[d.month - 1]} {d.day}, {d.year + rng.choice((-1, 1))}"
+
+
+def preference_record(d: dt.date, rng: random.Random) -> dict[str, str]:
+    """A `data.format: preference` pair: the date in words (chosen) against a plausible wrong one (rejected)."""
+    r = record(d)
+    return {"prompt": r["prompt"], "chosen": r["answer"], "rejected": wrong_answer(d, rng), "answer": r["answer"]}
+
+
+def generate_preference(out_dir: Path, *, n_train: int = 480, n_test: int = 64, seed: int = 1234
+                        ) -> tuple[Path, Path]:
+    """demo_dates_pref_train.jsonl / demo_dates_pref_test.jsonl: the dates task as preference pairs, on the same
+    disjoint train/test dates as `generate` (the test file also serves exact match: its `answer` field)."""
+    rng = random.Random(seed)
+    seen: set[dt.date] = set()
+    test = _dates(rng, n_test, seen)
+    train = _dates(rng, n_train, seen)
+    wrong = random.Random(seed + 1)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, dates in (("train", train), ("test", test)):
+        p = out_dir / f"demo_dates_pref_{name}.jsonl"
+        p.write_text("".join(json.dumps(preference_record(d, wrong)) + "\n" for d in dates), encoding="utf-8")
+        paths.append(p)
+    return paths[0], paths[1]
+
+
 if __name__ == "__main__":
-    print(*generate(Path(sys.argv[1] if len(sys.argv) > 1 else "recipes/data")))
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "recipes/data")
+    print(*generate(out), *generate_preference(out))

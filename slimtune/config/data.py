@@ -94,6 +94,22 @@ class SourceConfig(BaseModel):
     system_field: str = "system"
     """`format: instruction`: optional system prompt field (used when present and non-empty)."""
 
+    prompt_field: str = "prompt"
+    """`format: preference|kto`: the prompt (text or a list of messages); a record without it (Anthropic-HH
+    transcripts, message lists) takes the common prefix of chosen and rejected as the prompt."""
+
+    chosen_field: str = "chosen"
+    """`format: preference`: the preferred completion (text, an assistant message list, or a whole transcript)."""
+
+    rejected_field: str = "rejected"
+    """`format: preference`: the dispreferred completion (same forms as chosen)."""
+
+    completion_field: str = "completion"
+    """`format: kto`: the completion (text or an assistant message list)."""
+
+    label_field: str = "label"
+    """`format: kto`: true for a desirable completion, false for an undesirable one."""
+
     txt_split: Literal["paragraph", "file", "line"] = "paragraph"
     """`.txt` files: one document per blank-line-separated paragraph, per whole file, or per non-empty line."""
 
@@ -121,12 +137,15 @@ class DataConfig(BaseModel):
     sources: list[SourceConfig] = Field(min_length=1)
     """Main sources, mixed by token share according to their weights."""
 
-    format: Literal["text", "chat", "instruction"] = "text"
+    format: Literal["text", "chat", "instruction", "preference", "kto"] = "text"
     """`text`: continued pretraining (EOS after each document, loss on every token). `chat`: records with a list of
     messages (OpenAI {role, content} or ShareGPT {from, value}; alias `sharegpt`). `instruction`: alpaca
     instruction/input/output or prompt/completion records, turned into a user and an assistant message (alias
     `alpaca`). Chat and instruction examples are rendered with the chat template and only the assistant tokens
-    (content and end-of-turn token) carry loss."""
+    (content and end-of-turn token) carry loss. `preference`: prompt/chosen/rejected pairs for train.objective
+    dpo|ipo|orpo|simpo (text fields, UltraFeedback-style message lists, Anthropic-HH transcripts); `kto`: unpaired
+    prompt/completion/label records (slimtune.data.preference); both rendered with the chat template, the final
+    assistant reply carrying the log-probs; truncation keeps the prompt and cuts the completion."""
 
     chat_template: str | None = None
     """Chat template for chat/instruction: a built-in name (chatml, llama3, alpaca, mistral, gemma, phi3) or a

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from slimtune.adapters.base import adapter_config_union, modes, registry
 from slimtune.config.data import DataConfig
 from slimtune.config.eval import EvalConfig
+from slimtune.config.objective import OBJECTIVE_ALIASES, Objective, PreferenceConfig
 from slimtune.errors import RecipeError
 from slimtune.models.load import ModelConfig, QuantConfig
 
@@ -88,10 +89,19 @@ class TrainConfig(BaseModel):
     """Metric loggers besides metrics.jsonl (always written; `jsonl` names it): TensorBoard event files under
     <run>/tensorboard, Weights & Biases (WANDB_MODE=offline works), MLflow (MLFLOW_TRACKING_URI, default
     sqlite:///<run>/mlflow.db). Each needs its library (pip install 'slimtune[tensorboard]', '[wandb]', '[mlflow]')."""
+    objective: Objective = "sft"
+    """What a step optimises (slimtune/objectives): sft (next-token loss on the targets), or preference tuning on
+    `data.format: preference` pairs: dpo (cDPO with preference.label_smoothing), ipo, orpo, simpo; kto on
+    `data.format: kto` (prompt, completion, label)."""
+    preference: PreferenceConfig = PreferenceConfig()
+    """The preference objectives' knobs: beta, label_smoothing, gamma, length_normalize, desirable/undesirable
+    weights, precompute_reference."""
 
     @model_validator(mode="before")
     @classmethod
     def _bool_checkpointing(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("objective") in OBJECTIVE_ALIASES:
+            data = {**data, "objective": OBJECTIVE_ALIASES[data["objective"]]}
         if isinstance(data, dict) and isinstance(data.get("grad_checkpointing"), bool):
             data = {**data, "grad_checkpointing": "full" if data["grad_checkpointing"] else "none"}
         if isinstance(data, dict) and isinstance(data.get("report_to"), str):

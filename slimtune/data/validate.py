@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from slimtune.config.data import DataConfig
+from slimtune.data.preference import check_preference_record
 from slimtune.data.readers import HUB_PREFIX, Invalid, RecordError, extract_messages, extract_text, iter_records
 from slimtune.errors import DataError
 
@@ -22,6 +23,9 @@ def check_record(rec: Any, src, fmt: str) -> None:
     """Raise RecordError when `rec` cannot be used for `fmt`."""
     if isinstance(rec, Invalid):
         raise RecordError(rec.reason)
+    if fmt in ("preference", "kto"):
+        check_preference_record(rec, src, fmt)
+        return
     if fmt == "text":
         extract_text(rec, src)
         return

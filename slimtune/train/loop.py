@@ -30,13 +30,16 @@ from slimtune.adapters.inject import adapters_of, inject
 from slimtune.adapters.base import cast_trainable
 from slimtune.adapters.full import select_trainable
 from slimtune.config.recipe import Recipe
-from slimtune.data.dataset import TrainData, build_dataset, count_target_tokens
+from slimtune.data.dataset import TrainData, build_dataset
+from slimtune.data.preference import build_preference_dataset
 from slimtune.errors import RecipeError, SlimtuneError
 from slimtune.export.run import export_adapter_gguf
-from slimtune.models.fused import causal_lm_loss, fuse_model
+from slimtune.models.fused import fuse_model
 from slimtune.models.embeddings import embeddings_to_host
 from slimtune.models.load import (DTYPES, LoadedModel, QuantConfig, load_model, peft_base_name,
                                   quant_storage_dtype, resolve_device, resolve_dtype, set_quant_storage)
+from slimtune.objectives import DATA_FORMAT, build_objective
+from slimtune.objectives.sft import causal_lm_loss_sum
 from slimtune.ops.dispatch import dispatch_report, set_backend
 from slimtune.ops.generation import weights_changed
 from slimtune.train.callbacks import KernelChoices, TrainerCallback
@@ -85,6 +88,7 @@ class StepResult:
     seconds: float
     grad_norm: float
     skipped: bool = False
+    metrics: dict[str, float] = field(default_factory=dict)  # the objective's (rewards, margins, accuracy)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -92,19 +96,6 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of next-token losses over the batch's target tokens (labels != -100), fp32 0-dim.
-
-    A packed batch (``position_ids``, data.packing on SFT) goes without attention_mask: transformers builds the
-    block-diagonal causal mask from the restarting positions, so examples never attend to each other.
-    """
-    if "position_ids" in batch:
-        return causal_lm_loss(model, input_ids=batch["input_ids"], labels=batch["labels"],
-                              position_ids=batch["position_ids"], reduction="sum")
-    return causal_lm_loss(model, input_ids=batch["input_ids"], labels=batch["labels"],
-                          attention_mask=batch["attention_mask"], reduction="sum")
 
 
 @dataclass
@@ -215,8 +206,13 @@ class Trainer:
                 enable_checkpointing(self.model, r.train.grad_checkpointing)
             except ValueError as e:
                 raise RecipeError(f"train.grad_checkpointing: {r.train.grad_checkpointing}: {e}") from None
+        if self.data is None and r.data is not None and r.data.format not in DATA_FORMAT[r.train.objective]:
+            raise RecipeError(f"train.objective: {r.train.objective} trains on data.format "
+                              f"{' or '.join(DATA_FORMAT[r.train.objective])}, not {r.data.format}")
         if self.data is None:
-            self.data = build_dataset(r.data, self.tokenizer, base_dir=self.base_dir, seed=r.train.seed)
+            build = build_preference_dataset if r.data.format in ("preference", "kto") else build_dataset
+            self.data = build(r.data, self.tokenizer, base_dir=self.base_dir, seed=r.train.seed)
+        self.objective = build_objective(r.train, self.loss_fn)  # what a step optimises (slimtune.objectives)
         if len(self.data) == 0:
             raise SlimtuneError("data: no training examples after tokenization (check the sources and format)")
         self.batches_per_epoch = self.data.num_batches(self._global_micro_batch)  # global micro-batches
@@ -342,17 +338,19 @@ class Trainer:
         """One optimizer step over the micro-batches ``micro`` (``train`` gives it ``grad_accum`` of the data's;
         the benchmark also calls it on batches of its own). Non-finite loss or gradient: ``train.on_nonfinite``."""
         t0 = time.perf_counter()
-        n_target = sum(count_target_tokens(b) for b in micro)
+        n_target = sum(self.objective.count(b) for b in micro)  # tokens (SFT), pairs or examples
         n_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
         if self.dist is not None:  # the global step's counts: every rank normalises by the same target tokens
-            n_target, n_tokens = self.dist.global_counts(micro)
+            units, (n_target, n_tokens) = n_target, self.dist.global_counts(micro)
+            if self.objective.name != "sft":  # pairs / examples over all ranks
+                n_target = int(self.dist.all_sum(torch.tensor(float(units))))
         total = torch.zeros((), device=self.device)  # summed on the device: one host sync per step, not per micro
         for i, b in enumerate(micro):
             b = {k: v.to(self.device) for k, v in b.items()}
             sync = self.dist.grad_sync(last=i == len(micro) - 1) if self.dist is not None else contextlib.nullcontext()
             with sync:  # torchrun: no_sync on accumulation micro-steps, one gradient all-reduce per step
                 with self._phase("forward"):
-                    loss_sum = self.loss_fn(self.model, b)
+                    loss_sum = self.objective.loss_sum(self.model, b)
                     for cb in self.callbacks:
                         new = cb.on_micro_batch_loss(self, i, loss_sum)
                         loss_sum = loss_sum if new is None else new
@@ -363,7 +361,8 @@ class Trainer:
             total = self.dist.all_sum(total)  # the global loss: the same on every rank (and in the log)
         with self._phase("optimizer"):
             loss, lr, gnorm, skipped = self._optimizer_step(total, n_target)
-        return StepResult(self.pos.step, loss, lr, n_tokens, n_target, time.perf_counter() - t0, gnorm, skipped)
+        return StepResult(self.pos.step, loss, lr, n_tokens, n_target, time.perf_counter() - t0, gnorm, skipped,
+                          self.objective.pop_metrics())
 
     def _optimizer_step(self, total: torch.Tensor, n_target: int) -> tuple[float, float, float, bool]:
         """Clip, check for non-finite values, step the optimizer and the schedule. Returns (loss, lr, gnorm,
@@ -477,7 +476,7 @@ class Trainer:
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": res.step, "loss": res.loss, "lr": res.lr, "tokens": res.tokens,
                                 "grad_norm": res.grad_norm, "seconds": round(res.seconds, 4),
-                                "skipped": res.skipped}) + "\n")
+                                "skipped": res.skipped, **res.metrics}) + "\n")
 
     def _metric_rows(self) -> list[dict]:
         """The rows of metrics.jsonl; a line cut short by a crash is dropped."""
