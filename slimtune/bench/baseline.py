@@ -9,7 +9,8 @@ What it is, piece by piece:
 
 * the base: the same bitsandbytes ``Linear4bit`` layers (NF4, double quant) that ``slimtune.models.load`` makes
   (``quantize_linears``: the quantization is done on the target device, so this is what
-  ``from_pretrained(quantization_config=BitsAndBytesConfig(...))`` gives too), SDPA attention; the model is
+  ``from_pretrained(quantization_config=BitsAndBytesConfig(...))`` gives too, quant states declaring the compute
+  dtype, so PEFT's backward dequantizes to bf16 as for HF users), SDPA attention; the model is
   flagged ``is_loaded_in_4bit`` so that PEFT picks its bitsandbytes LoRA layer (``peft.tuners.lora.bnb``), as it
   does for a model loaded in 4-bit by transformers;
 * ``peft.get_peft_model(model, LoraConfig(r, lora_alpha, lora_dropout=0, target_modules))``: adapters in fp32

@@ -10,6 +10,7 @@ from slimtune.bench.estimate import Estimate, estimate, estimate_full
 from slimtune.errors import ModelError, SlimtuneError
 from slimtune.loram.estimate import recipe_loram_layout
 from slimtune.models.load import resolve_package_path
+from slimtune.models.prequantized import bnb_4bit_config
 
 __all__ = ["estimate_recipe_stages", "estimate_for_recipe"]
 
@@ -32,6 +33,7 @@ def estimate_recipe_stages(recipe: Any, gpu_mem_gib: float | None = 24.0) -> lis
         why = f"{type(err).__name__}: {err}"
         raise ModelError(f"model.name: {recipe.model.name}: cannot read its config ({why})") from None
     loram = recipe_loram_layout(recipe)  # LoRAM: the training-time peak is the pruned model's
+    stored = _stored_4bit(config, recipe.model.name)
     out: list[tuple[str, Estimate]] = []
     for stage, r in recipe.resolved_stages():
         if getattr(stage, "kind", "train") != "train":  # merge / eval / arithmetic stages train nothing
@@ -47,6 +49,9 @@ def estimate_recipe_stages(recipe: Any, gpu_mem_gib: float | None = 24.0) -> lis
             out.append((stage.name, est))
             continue
         options = {k: v for k, v in a.model_dump().items() if k not in ("kind", "rank", "targets", "layers", "dropout")}
+        if stored is not None and q.mode != "none":  # the checkpoint's 4-bit weights are what the GPU holds
+            q = q.model_copy(update={"mode": stored["mode"], "double_quant": stored["double_quant"],
+                                     "quantize_lm_head": False})
         est = estimate(
             config,
             quant=q.mode, double_quant=q.double_quant,
@@ -58,6 +63,11 @@ def estimate_recipe_stages(recipe: Any, gpu_mem_gib: float | None = 24.0) -> lis
             adapter_dtype=t.adapter_dtype, embeddings_on=t.embeddings_on, optimizer_on=t.optimizer_on,
         )
         est.model = recipe.model.name + ("" if loram is None else f" pruned at ratio {loram['ratio']:g} (LoRAM)")
+        if stored is not None:  # always streamed as stored (slimtune.models.prequantized), whatever model.load says
+            est.host_load_full_bytes = est.host_load_peak_bytes
+            est.notes.append(f"pre-quantized bitsandbytes checkpoint: its {stored['mode']} weights"
+                             f"{' (double quant)' if stored['double_quant'] else ''} are sized as stored"
+                             + (", dequantized (quant.mode: none)" if q.mode == "none" else ""))
         out.append((stage.name, est))
     if not out:
         raise SlimtuneError(f"{recipe.name or 'recipe'}: no training stage to estimate")
@@ -68,3 +78,13 @@ def estimate_for_recipe(recipe: Any, gpu_mem_gib: float | None = 24.0) -> Estima
     """The estimate of the recipe's most demanding stage (the max over stages; see :func:`estimate_recipe_stages`)."""
     stages = estimate_recipe_stages(recipe, gpu_mem_gib)
     return max(stages, key=lambda s: s[1].total_bytes)[1]
+
+
+def _stored_4bit(config: Any, name: str) -> dict | None:
+    """{mode, double_quant} of a pre-quantized bitsandbytes 4-bit checkpoint's config, None for any other model."""
+    q = getattr(config, "quantization_config", None)
+    q = q.to_dict() if hasattr(q, "to_dict") else q
+    bnb = bnb_4bit_config({"quantization_config": q}, name)
+    if bnb is None:
+        return None
+    return {"mode": bnb.get("bnb_4bit_quant_type", "nf4"), "double_quant": bool(bnb.get("bnb_4bit_use_double_quant"))}

@@ -3,7 +3,8 @@
 Quantization is done here rather than through transformers' ``BitsAndBytesConfig`` so that one code path serves
 every source (GGUF files included) and every device: each decoder ``nn.Linear`` is replaced by a bitsandbytes
 ``Linear4bit`` whose ``Params4bit`` is quantized on the target device (double quant = ``compress_statistics``).
-Embeddings and lm_head stay in the compute dtype unless ``quantize_lm_head`` is set.
+Embeddings and lm_head stay in the compute dtype unless ``quantize_lm_head`` is set. A checkpoint saved already
+quantized by bitsandbytes (4-bit) is loaded as stored instead (``slimtune.models.prequantized``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field
 
 from slimtune.errors import ModelError
+from slimtune.models.prequantized import read_bnb_4bit_config, stream_prequantized
 from slimtune.models.pruned import KEPT_FILE, load_pruned
 from slimtune.models.streaming import (
     linear4bit,
@@ -51,7 +53,8 @@ class ModelConfig(BaseModel):
         "auto", description="stream: build the model empty and fill it shard by shard from safetensors, quantizing "
         "each linear as it arrives (host RAM ~ one shard + the quantized model); full: transformers' "
         "from_pretrained in the compute dtype, then quantize; auto: stream where the source allows (safetensors "
-        "folder or hub repo whose tensor names match the model), else full.")
+        "folder or hub repo whose tensor names match the model), else full. A pre-quantized bitsandbytes 4-bit "
+        "checkpoint is always streamed, its 4-bit weights as stored (slimtune.models.prequantized).")
 
 
 class QuantConfig(BaseModel):
@@ -268,6 +271,9 @@ def load_model(model_cfg: ModelConfig, quant_cfg: QuantConfig, *, device: str | 
         loaded = prepare_loaded(model, load_tokenizer(model_cfg), quant_cfg, device=dev, source=model_cfg.name)
         loaded.load_path = "full (LoRAM-pruned folder)"
         return loaded
+    bnb_cfg = None if extra else read_bnb_4bit_config(src, model_cfg)
+    if bnb_cfg is not None:  # a bitsandbytes 4-bit checkpoint: loaded as stored (slimtune.models.prequantized)
+        return _load_prequantized(model_cfg, quant_cfg, bnb_cfg, src=src, device=dev, dtype=dtype)
     why = _why_not_streamed(model_cfg)
     if why is None:
         model = None
@@ -310,6 +316,26 @@ def _why_not_streamed(model_cfg: ModelConfig) -> str | None:
     if model_cfg.tokenizer_swap:
         return "model.tokenizer_swap rebuilds the embeddings from the dense model"
     return None
+
+
+def _load_prequantized(model_cfg: ModelConfig, quant_cfg: QuantConfig, bnb_cfg: dict, *, src: str,
+                       device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """A pre-quantized bitsandbytes 4-bit checkpoint, streamed with its 4-bit weights as stored (any ``model.load``:
+    ``from_pretrained`` would make a transformers-quantized model that cannot be cast or re-quantized)."""
+    if model_cfg.tokenizer_swap:
+        raise ModelError(f"model.tokenizer_swap: {model_cfg.name} is a pre-quantized (bitsandbytes 4-bit) "
+                         "checkpoint; a tokenizer swap rebuilds the embeddings from a full-precision base")
+    files = safetensors_files(src, model_cfg)
+    if files is None:
+        raise ModelError(f"model.name: {model_cfg.name}: a bitsandbytes 4-bit checkpoint without safetensors weights")
+    model, why = stream_prequantized(files, model_cfg, quant_cfg, device=device, dtype=dtype)
+    if model is None:
+        raise ModelError(f"model.name: cannot load the bitsandbytes 4-bit checkpoint {model_cfg.name}: {why}")
+    loaded = _finish(model, load_tokenizer(model_cfg), device=device, dtype=dtype, source=model_cfg.name)
+    kind = bnb_cfg.get("bnb_4bit_quant_type", "nf4")
+    loaded.load_path = (f"stream (pre-quantized bitsandbytes {kind}: "
+                        + ("dequantized, quant.mode: none)" if quant_cfg.mode == "none" else "kept as stored)"))
+    return loaded
 
 
 def _finish(model: nn.Module, tok, *, device: torch.device, dtype: torch.dtype, source: str) -> LoadedModel:

@@ -157,6 +157,8 @@ class Trainer:
                                   f"adapter stages)")
                 quant = quant.model_copy(update={"mode": "none"})
             self.loaded = self._load(quant)
+            if "pre-quantized" in self.loaded.load_path:  # the checkpoint's 4-bit settings, not the recipe's quant
+                self.reporter.log(f"{r.model.name}: {self.loaded.load_path.removeprefix('stream (')[:-1]}")
         self.model, self.tokenizer, self.device = self.loaded.model, self.loaded.tokenizer, self.loaded.device
         storage = quant_storage_dtype(r.quant, self.loaded.compute_dtype, sharded=self.sharded)
         if storage != torch.uint8:  # the same packed bytes, viewed as another dtype (FSDP: one all-gather dtype)
