@@ -225,6 +225,10 @@ class Adapter(nn.Module):
     def after_load(self) -> None:
         """Called after tensors were loaded into this adapter (drop caches). Default: nothing."""
 
+    def select_rank(self, rank: int) -> None:
+        """Run (eval, merge, export) at a lower rank: kinds with nested ranks (DyLoRA) override it."""
+        raise ValueError(f"--rank {rank}: adapter kind {self.kind} has no nested ranks (dylora has)")
+
     def restore_base(self) -> nn.Module:
         """The base layer as it was before this adapter (``unload`` puts it back); a kind that changed the base
         (NLoRA's residual init) undoes that here. Default: the wrapped layer, untouched."""

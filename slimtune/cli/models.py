@@ -49,14 +49,18 @@ def export(
                                       "NF4-dequantized one the adapter was trained on.")] = "original",
     name: Annotated[Optional[str], typer.Option("--name", help="Model name for Ollama (default: the run folder's "
                                                 "name).")] = None,
+    rank: Annotated[Optional[int], typer.Option("--rank", help="--format peft: export at this rank b (adapters with "
+                                                "nested ranks: dylora; default: the trained rank).")] = None,
 ) -> None:
     """Export a trained adapter: PEFT format, a merged GGUF (+ Ollama Modelfile), or a llama.cpp LoRA GGUF."""
     if fmt not in FORMATS:
         raise SlimtuneError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
+    if rank is not None and fmt != "peft":
+        raise SlimtuneError(f"--rank {rank}: only with --format peft (export the rank-{rank} PEFT adapter first)")
     root = adapter.parent if adapter.name in ("adapter_native", "adapter") else adapter
     out = out or root / fmt.replace("-", "_")
     if fmt == "peft":
-        path = _peft_folder(adapter, model, out)
+        path = _peft_folder(adapter, model, out, rank=rank)
         console.print(f"[green]exported[/] PEFT adapter to {path}", highlight=False)
         return
     from slimtune.export.mixes import FILE_TYPES
@@ -88,16 +92,23 @@ def _export_gguf_files(peft_dir: Path, base: str, out: Path, *, fmt: str, quant:
     console.print(f"Ollama: {files.ollama}", highlight=False, markup=False, soft_wrap=True)
 
 
-def _peft_folder(adapter: Path, model: str | None, out: Path) -> Path:
+def _peft_folder(adapter: Path, model: str | None, out: Path, *, rank: int | None = None) -> Path:
     """The PEFT export of `slimtune export --format peft`: the same folder a run writes (a base PEFT loads by name,
-    the tokenizer with the chat template the run trained with, the original base spec in slimtune.json)."""
+    the tokenizer with the chat template the run trained with, the original base spec in slimtune.json); ``rank``:
+    every adapter exported at that rank (``Adapter.select_rank``: DyLoRA)."""
     from slimtune.adapters.export import export_peft, load_native
     from slimtune.export.merge import trained_chat_template
     from slimtune.models.load import ModelConfig, QuantConfig, load_model, peft_base_name
 
     native, base = _adapter_and_model(adapter, model)
     loaded = load_model(ModelConfig(name=base), QuantConfig(mode="none", compute_dtype="float32"), device="cpu")
-    load_native(loaded.model, native)
+    adapters = load_native(loaded.model, native)
+    if rank is not None:
+        try:
+            for a in adapters.values():
+                a.select_rank(rank)
+        except ValueError as e:
+            raise SlimtuneError(str(e)) from None
     template = trained_chat_template(native)
     if template is not None:
         loaded.tokenizer.chat_template = template
