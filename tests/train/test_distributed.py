@@ -256,7 +256,8 @@ def test_a_finished_rank_leaves_in_bounded_time_when_its_peer_is_gone(tmp_path, 
     r["train"].update({"steps": 2, "save_every": 0, "eval_every": 0})
     env = {**os.environ, **rel.env, "SLIMTUNE_DIST_TIMEOUT": "300", "SLIMTUNE_LEAVE_TIMEOUT": "5",
            "SLIMTUNE_FAULT": f"{fault}@1"}
-    proc = Torchrun(rel.write_recipe(tmp_path / "r.yaml", r), env, tmp_path).start()
+    root = Path(__file__).resolve().parents[2]  # started in the repository root: its kernels/ must shadow nothing
+    proc = Torchrun(rel.write_recipe(tmp_path / "r.yaml", r), env, root).start()
     with proc:
         rank0 = worker(proc, 0)
         t0 = time.monotonic()
