@@ -196,29 +196,26 @@ def collate_pairs(examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, 
     return batch
 
 
-def kl_rows(examples: Sequence[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:
-    """KTO's mismatched sequences: the prompt of example i with the completion of example i−1 (cyclic)."""
-    out = []
+def add_kl_rows(examples: list[dict[str, Any]]) -> None:
+    """KTO's mismatched sequences, fixed per example (TRL's sequential KL completions): example i gets the prompt
+    of i with the completion of example i−1 (cyclic, in data order) as "kl_input_ids" / "kl_labels"."""
     for i, e in enumerate(examples):
         o = examples[i - 1]
         p, c = int(e["prompt_len"]), int(o["prompt_len"])
-        ids = torch.cat([e["input_ids"][:p], o["input_ids"][c:]])[: e["max_len"]]
-        labels = torch.cat([torch.full((p,), IGNORE_INDEX, dtype=torch.long), o["labels"][c:]])[: e["max_len"]]
-        out.append({"input_ids": ids, "labels": labels})
-    return out
+        e["kl_input_ids"] = torch.cat([e["input_ids"][:p], o["input_ids"][c:]])[: e["max_len"]]
+        e["kl_labels"] = torch.cat([torch.full((p,), IGNORE_INDEX, dtype=torch.long), o["labels"][c:]])[: e["max_len"]]
 
 
 def collate_unpaired(examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """B labelled completions → (B, T) rows, "kto_label" (B,), and with B > 1 the KL rows ("kl_" keys)."""
+    """B labelled completions → (B, T) rows, "kto_label" (B,), the KL rows ("kl_" keys) and stored reference
+    log-probs ("ref_logps", "ref_kl_logps")."""
     batch = collate(examples, pad_id)
     batch["kto_label"] = torch.tensor([bool(e["kto_label"]) for e in examples])
-    if len(examples) > 1:
-        kl = collate(kl_rows(examples), pad_id)
-        batch.update({f"kl_{k}": v for k, v in kl.items()})
+    kl = collate([{"input_ids": e["kl_input_ids"], "labels": e["kl_labels"]} for e in examples], pad_id)
+    batch.update({f"kl_{k}": v for k, v in kl.items()})
     if all("ref_logp" in e for e in examples):
         batch["ref_logps"] = torch.tensor([float(e["ref_logp"]) for e in examples], dtype=torch.float64)
-        if len(examples) > 1:
-            batch["ref_kl_logps"] = torch.tensor([float(e["ref_kl_logp"]) for e in examples], dtype=torch.float64)
+        batch["ref_kl_logps"] = torch.tensor([float(e["ref_kl_logp"]) for e in examples], dtype=torch.float64)
     return batch
 
 
@@ -252,6 +249,9 @@ def build_preference_dataset(cfg: DataConfig, tokenizer, *, base_dir: Path, seed
         train = [e for i, e in enumerate(train) if i not in pick]
     if not train:
         raise DataError("data: no training examples")
+    if cfg.format == "kto":
+        add_kl_rows(train)
+        add_kl_rows(held)
     stats = {"format": cfg.format, "seed": seed, "max_seq_len": cfg.max_seq_len, "packing": False,
              "sources": per_source, "records": sum(v["records"] for v in per_source.values()),
              "skipped_records": sum(v["skipped"] for v in per_source.values()),

@@ -8,15 +8,24 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from slimtune.config.objective import PAIRED
+from slimtune.errors import RecipeError
 from slimtune.objectives.base import Objective
 from slimtune.objectives.kto import KTO
 from slimtune.objectives.preference import Paired
+from slimtune.objectives.reference import prepare_reference
 from slimtune.objectives.sft import SFT, causal_lm_loss_sum
 
-__all__ = ["Objective", "build_objective", "causal_lm_loss_sum"]
+__all__ = ["Objective", "build_objective", "causal_lm_loss_sum", "check_format", "prepare_reference"]
 
 DATA_FORMAT = {"sft": ("text", "chat", "instruction"), "kto": ("kto",), **{k: ("preference",) for k in PAIRED}}
 """The `data.format`s each objective trains on."""
+
+
+def check_format(objective: str, data_format: str) -> None:
+    """RecipeError unless ``objective`` trains on ``data_format``."""
+    if data_format not in DATA_FORMAT[objective]:
+        raise RecipeError(f"train.objective: {objective} trains on data.format {' or '.join(DATA_FORMAT[objective])}, "
+                          f"not {data_format}")
 
 
 def build_objective(train, loss_fn: Callable | None = None) -> Objective:

@@ -1,8 +1,8 @@
 """KTO (Ethayarajh et al. 2024, eq. 7) on unpaired `data.format: kto` examples.
 
 With r = π − ρ the policy/reference log-ratio of an example's completion and z₀ the reference point
-max(0, mean over the batch's KL rows of (π − ρ)) (the prompt of example i with the completion of example i−1,
-under no_grad, as TRL estimates it; 0 for a batch of one example):
+max(0, mean over the batch's KL rows of (π − ρ)) (each example's prompt with the completion of the example before
+it in the data, under no_grad, as TRL estimates it; 0 for a batch without KL rows):
 
     desirable (label true):    λ_D · (1 − σ(β(r − z₀)))
     undesirable (label false): λ_U · (1 − σ(β(z₀ − r)))

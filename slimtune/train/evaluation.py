@@ -7,7 +7,9 @@ loggers of `train.report_to`, and to the stage summary (`summary["val"]`). With 
 the lowest validation loss is also exported (PEFT format, with the tokenizer) to `<run>/best_adapter`.
 
 The loss is the mean next-token loss over all target tokens of the validation set (the same masking as
-training: assistant tokens for chat/instruction), perplexity = exp(loss).
+training: assistant tokens for chat/instruction), perplexity = exp(loss). Under a preference objective
+(`train.objective` dpo, ipo, orpo, simpo, kto) the held-out pairs give the objective's mean loss, the preference
+accuracy (the chosen reward above the rejected one) and the reward margin (slimtune.objectives.evaluate).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from slimtune.adapters.export import export_peft
 from slimtune.errors import SlimtuneError
 from slimtune.eval.model_eval import heldout_loss
 from slimtune.models.load import peft_base_name
+from slimtune.objectives import build_objective
+from slimtune.objectives.evaluate import evaluate_objective
 from slimtune.train.callbacks import TrainerCallback
 from slimtune.train.loggers import MetricLoggers
 
@@ -37,7 +41,8 @@ class EvaluateDuringTraining(TrainerCallback):
         self.best: dict[str, Any] | None = None
 
     def on_train_start(self, trainer) -> None:
-        self.records = [h for h in trainer.data.holdout if h.get("input_ids") is not None]
+        self.sft = trainer.recipe.train.objective == "sft"
+        self.records = [h for h in trainer.data.holdout if not self.sft or h.get("input_ids") is not None]
         if not self.records:
             raise SlimtuneError("train.eval_every: no validation records; set data.val_split (a fraction such as "
                                 "0.05, or a count) or data.eval_sources")
@@ -45,6 +50,7 @@ class EvaluateDuringTraining(TrainerCallback):
         rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
         rows = [r for r in rows if r.get("step", 0) <= trainer.pos.step]  # a resumed run keeps its earlier rows
         if self.writes:
+            path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         self.history = rows
         self.best = min(rows, key=lambda r: r["val_loss"]) if rows else None
@@ -53,10 +59,17 @@ class EvaluateDuringTraining(TrainerCallback):
         if result.step % self.every and result.step != trainer.total_steps:
             return
         mb = trainer.recipe.train.micro_batch
-        v = heldout_loss(trainer.model, self.records, pad_id=trainer.data.pad_id, batch_size=mb,
-                         device=trainer.device)
-        row = {"step": result.step, "val_loss": v["loss"], "val_ppl": v["ppl"], "val_tokens": v["tokens"],
-               "train_loss": result.loss}
+        if self.sft:
+            v = heldout_loss(trainer.model, self.records, pad_id=trainer.data.pad_id, batch_size=mb,
+                             device=trainer.device)
+            row = {"step": result.step, "val_loss": v["loss"], "val_ppl": v["ppl"], "val_tokens": v["tokens"],
+                   "train_loss": result.loss}
+        else:  # preference: the objective's loss, preference accuracy and reward margin on the held-out pairs
+            v = evaluate_objective(build_objective(trainer.recipe.train), trainer.model, self.records,
+                                   pad_id=trainer.data.pad_id, batch_size=mb, device=trainer.device)
+            row = {"step": result.step, "val_loss": v["loss"], "val_examples": v["examples"],
+                   **{f"val_{k.replace('/', '_')}": x for k, x in v.items() if "/" in k or k == "kl"},
+                   "train_loss": result.loss}
         self.history.append(row)
         improved = self.best is None or v["loss"] < self.best["val_loss"]
         if improved:
@@ -70,10 +83,14 @@ class EvaluateDuringTraining(TrainerCallback):
         result_step = row["step"]
         with open(trainer.run_dir / VAL_FILE, "a") as f:
             f.write(json.dumps(row) + "\n")
-        trainer.reporter.log(f"step {result_step}: val loss {v['loss']:.4f}, ppl {v['ppl']:.2f} "
-                             f"({v['tokens']} tokens){' (best)' if improved and self.keep_best else ''}")
+        what = (f"ppl {v['ppl']:.2f} ({v['tokens']} tokens)" if self.sft else
+                f"preference accuracy {v.get('rewards/accuracies', float('nan')):.3f}, reward margin "
+                f"{v.get('rewards/margins', float('nan')):.4f} ({v['examples']} examples)")
+        trainer.reporter.log(f"step {result_step}: val loss {v['loss']:.4f}, {what}"
+                             f"{' (best)' if improved and self.keep_best else ''}")
         if self.loggers is not None:
-            self.loggers.log({"val/loss": v["loss"], "val/ppl": v["ppl"]}, result_step)
+            self.loggers.log({"val/loss": v["loss"], **({"val/ppl": v["ppl"]} if self.sft else
+                             {f"val/{k}": x for k, x in v.items() if "/" in k})}, result_step)
         if improved and self.keep_best:
             out = trainer.run_dir / BEST_DIR
             export_peft(trainer.model, out, base_model_name_or_path=peft_base_name(trainer.recipe.model.name),

@@ -38,7 +38,7 @@ from slimtune.models.fused import fuse_model
 from slimtune.models.embeddings import embeddings_to_host
 from slimtune.models.load import (DTYPES, LoadedModel, QuantConfig, load_model, peft_base_name,
                                   quant_storage_dtype, resolve_device, resolve_dtype, set_quant_storage)
-from slimtune.objectives import DATA_FORMAT, build_objective
+from slimtune.objectives import build_objective, check_format, prepare_reference
 from slimtune.objectives.sft import causal_lm_loss_sum
 from slimtune.ops.dispatch import dispatch_report, set_backend
 from slimtune.ops.generation import weights_changed
@@ -208,13 +208,13 @@ class Trainer:
                 enable_checkpointing(self.model, r.train.grad_checkpointing)
             except ValueError as e:
                 raise RecipeError(f"train.grad_checkpointing: {r.train.grad_checkpointing}: {e}") from None
-        if self.data is None and r.data is not None and r.data.format not in DATA_FORMAT[r.train.objective]:
-            raise RecipeError(f"train.objective: {r.train.objective} trains on data.format "
-                              f"{' or '.join(DATA_FORMAT[r.train.objective])}, not {r.data.format}")
         if self.data is None:
+            check_format(r.train.objective, r.data.format)
             build = build_preference_dataset if r.data.format in ("preference", "kto") else build_dataset
             self.data = build(r.data, self.tokenizer, base_dir=self.base_dir, seed=r.train.seed)
         self.objective = build_objective(r.train, self.loss_fn)  # what a step optimises (slimtune.objectives)
+        prepare_reference(self.objective, r, self.model, self.data, self.run_dir, full_ft=self.trainable == "model",
+                          log=self.reporter.log)  # train.preference.precompute_reference
         if len(self.data) == 0:
             raise SlimtuneError("data: no training examples after tokenization (check the sources and format)")
         self.batches_per_epoch = self.data.num_batches(self._global_micro_batch)  # global micro-batches

@@ -93,6 +93,7 @@ def test_kto_records_and_kl_rows(tmp_path):
     batch = next(data.batches(3, epoch=0))
     assert batch["kto_label"].tolist() == [True, False, True]
     tok = tiny_tokenizer()
+    # the KL row of an example: its prompt + the completion of the example before it in data order (cyclic)
     kl1 = batch["kl_input_ids"][1][batch["kl_attention_mask"][1].bool()]
     assert tok.decode(kl1) == tok.decode(data.examples[1]["input_ids"][: data.examples[1]["prompt_len"]]) + \
         tok.decode(data.examples[0]["input_ids"][data.examples[0]["prompt_len"]:])  # prompt 1 + completion 0

@@ -22,7 +22,7 @@ def make_recipe(tmp_path, objective="dpo", fmt="preference", path=None, records=
     pref = train.pop("preference", {})
     return load_recipe_dict({
         "name": "t", "model": {"name": "tiny-llama"}, "quant": {"mode": "nf4"},
-        "adapter": {"kind": "lora", "rank": 4, "alpha": 8, "dropout": train.pop("dropout", 0.0)},
+        "adapter": train.pop("adapter", {"kind": "lora", "rank": 4, "alpha": 8, "dropout": train.pop("dropout", 0.0)}),
         "data": {"sources": [{"path": str(path or DATA / "demo_dates_pref_train.jsonl"), "max_records": records}],
                  "format": fmt, "max_seq_len": 64, **train.pop("data", {})},
         "train": {"lr": 2e-2, "steps": 8, "micro_batch": 2, "warmup": 0, "seed": 3, "fused": False,
@@ -31,17 +31,17 @@ def make_recipe(tmp_path, objective="dpo", fmt="preference", path=None, records=
     })
 
 
-def make_loaded():
+def make_loaded(quant="nf4"):
     tok = tiny_tokenizer()
     torch.manual_seed(0)
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM(tiny_llama_config(vocab_size=len(tok)))
-    return prepare_loaded(model, tok, QuantConfig(mode="nf4"), device=torch.device("cpu"), source="tiny")
+    return prepare_loaded(model, tok, QuantConfig(mode=quant), device=torch.device("cpu"), source="tiny")
 
 
-def trainer(tmp_path, recipe):
-    t = Trainer(recipe, run_dir=tmp_path / "run", loaded=make_loaded())
+def trainer(tmp_path, recipe, quant="nf4"):
+    t = Trainer(recipe, run_dir=tmp_path / "run", loaded=make_loaded(quant))
     t.setup()
     return t
 
