@@ -209,6 +209,14 @@ def test_dora_norm_is_cached_until_an_optimizer_step(monkeypatch):
     weights_changed()
     n4 = norm()
     assert len(calls) == 3 and rel(n4, want()) < 1e-5 and rel(n3, want()) > 1e-3
+    # FSDP2 copies the all-gathered (updated) shards into the same unsharded tensor, version kept (its
+    # _fsdp_collectives.py): same object, same storage, same version. The step's weights_changed() is what counts.
+    with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(proj.lora_B):
+        proj.lora_B.copy_(proj.lora_B * 1.5)
+    assert norm() is n4 and rel(n4, want()) > 1e-3
+    weights_changed()
+    n5 = norm()
+    assert len(calls) == 4 and rel(n5, want()) < 1e-5
 
 
 @pytest.mark.parametrize("backend", ["dequant", "torch"])
