@@ -40,6 +40,8 @@ from slimtune.bench.baseline import hf_decoder
 from slimtune.bench.estimate import Estimate
 from slimtune.models.embeddings import HostEmbedding
 from slimtune.models.streaming import release_host_memory
+from slimtune.ops.autotune import MAX_TRIAL_ROWS, shape_bucket, verdicts
+from slimtune.ops.dispatch import measures
 
 
 @dataclass
@@ -243,6 +245,40 @@ def free_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
+
+
+def dispatch_lens(seq_lens: Iterable[int], *, batch: int, grow: bool) -> list[int]:
+    """The sequence lengths whose forward + backward ask measured dispatch every question a bench will ask: the given
+    ones and, with ``grow`` (the max-context search, whose lengths are not known ahead), one per token-count bucket
+    above the first, up to ``MAX_TRIAL_ROWS`` (every longer sequence shares that bucket's verdicts)."""
+    lens = {int(s) for s in seq_lens}
+    if grow and lens:
+        rows = shape_bucket(batch * min(lens))
+        while rows < MAX_TRIAL_ROWS:
+            rows *= 2
+            lens.add(-(-rows // batch))
+    return sorted(lens)
+
+
+def decide_backends(loss: Callable[[int], torch.Tensor], seq_lens: Iterable[int], *, device: torch.device,
+                    zero_grad: Callable[[], None]) -> int:
+    """Forward + backward of ``loss(seq_len)`` at each length before any measured step, gradients dropped, RNG
+    restored: measured dispatch (``train.kernels: auto``) runs its trials here, not inside a measured step. Its
+    trials used to land in step 1's peaks and in the sweep's and max-context's steps at new shapes, so the figures
+    depended on whether the verdict file existed (issue 23). Returns the number of verdicts made."""
+    if not measures(device):
+        return 0
+    before = len(verdicts())
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        for seq in seq_lens:
+            try:
+                loss(seq).backward()
+            except torch.OutOfMemoryError:  # that length does not train: its step fails the same way later
+                pass
+            finally:
+                zero_grad()
+                free_memory(device)
+    return len(verdicts()) - before
 
 
 # --------------------------------------------------------------------------------------------- saved bytes

@@ -59,6 +59,8 @@ from slimtune.bench.estimate import GiB, Estimate, estimate, normalize_targets
 from slimtune.bench.memory import (
     PhaseMeter,
     current_rss,
+    decide_backends,
+    dispatch_lens,
     estimated_activation_term,
     free_memory,
     gap_pct,
@@ -284,6 +286,11 @@ def run_tool(tool: str, config, cfg: BenchConfig, *, device: torch.device, dtype
         with meter.phase("load"):
             side = _build_side(tool, config, cfg, device=device, dtype=dtype, targets=targets, out=out,
                                run_dir=Path(run_dir))
+        if tool == "slimtune":  # dispatch trials before the measured steps, never inside them (issue 23)
+            lens = dispatch_lens([cfg.seq_len, *_sweep_lens(cfg)], batch=cfg.batch,
+                                 grow=cfg.max_context and device.type == "cuda")
+            decide_backends(lambda s: side.loss(side.ids(s)), lens, device=device,
+                            zero_grad=lambda: side.trainer.optimizer.zero_grad(set_to_none=True))
         _train(side, meter, out, log)
         est = side.estimate(cfg.seq_len)
         log(f"{tool}: measuring bytes saved for backward")

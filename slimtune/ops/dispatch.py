@@ -45,6 +45,7 @@ __all__ = [
     "dispatch_report",
     "get_backend",
     "interpreter_on",
+    "measures",
     "resolve_backend",
     "set_backend",
     "set_measure_on_cpu",
@@ -123,6 +124,12 @@ def triton_on_cpu() -> Iterator[None]:
 
 def _measure_on_cpu() -> bool:
     return _measure_cpu or os.environ.get(MEASURE_ENV, "0") not in ("", "0")
+
+
+def measures(device: torch.device | str) -> bool:
+    """Whether ``auto`` (if in force) measures candidates for tensors on ``device``: CUDA, or the CPU with
+    measuring switched on. The benchmark decides its backends before its measured steps when it does."""
+    return get_backend() == "auto" and (torch.device(device).type == "cuda" or _measure_on_cpu())
 
 
 def triton_available() -> bool:

@@ -1,4 +1,6 @@
-"""saved_bytes on cases whose saved tensors are known exactly."""
+"""saved_bytes on cases whose saved tensors are known exactly; the bench decides its backends before measuring."""
+
+import contextlib
 
 import pytest
 import torch
@@ -146,3 +148,56 @@ def test_held_state_matches_the_estimate_within_5_percent(name):
         want = comp[key] if key in comp else host[key]
         got = held.get(key, 0)
         assert abs(want - got) <= 0.05 * max(got, 1), (name, key, want, got)
+
+
+def test_bench_decides_the_backends_before_its_measured_steps(monkeypatch, tmp_path):
+    """Issue 23: measured dispatch ran its trials inside step 1 (and at the sweep's new shapes), so the per-phase
+    peaks held the trials and depended on whether the verdict file existed. Every measurement now happens after
+    the model is built and before the first measured phase of a step; none later (the sweep's lengths included)."""
+    from slimtune.bench import memory
+    from slimtune.bench.bench_config import BenchConfig, resolve_bench_config
+    from slimtune.bench.estimate import normalize_targets
+    from slimtune.bench.runner import run_tool
+    from slimtune.ops import autotune, dispatch
+
+    events: list[tuple[str, str]] = []
+    real_measure, real_phase = autotune._measure, memory.PhaseMeter.phase
+
+    def measure(op, key, *a, **k):
+        events.append(("measure", key))
+        return real_measure(op, key, *a, **k)
+
+    @contextlib.contextmanager
+    def phase(self, name):
+        events.append(("phase", name))
+        with real_phase(self, name):
+            yield
+        events.append(("end", name))
+
+    monkeypatch.setattr(autotune, "_measure", measure)
+    monkeypatch.setattr(memory.PhaseMeter, "phase", phase)
+    monkeypatch.setattr(dispatch, "triton_allowed", lambda x: False)  # torch vs dequant: no interpreter runs
+    monkeypatch.setenv("SLIMTUNE_DISPATCH_CACHE", str(tmp_path / "dispatch.json"))
+    monkeypatch.delenv("SLIMTUNE_KERNELS", raising=False)
+    autotune.clear()
+    dispatch.set_measure_on_cpu(True)
+    try:
+        cfg = BenchConfig(model_config="tiny", device="cpu", steps=2, warmup=1, seq_len=32, batch=2, rank=4,
+                          seq_lens=[16, 64], checkpointing="full", tools=("slimtune",), dtype="float32")
+        out = run_tool("slimtune", resolve_bench_config("tiny"), cfg, device=torch.device("cpu"),
+                       dtype=torch.float32, targets=normalize_targets(cfg.targets), log=lambda m: None)
+    finally:
+        dispatch.set_measure_on_cpu(False)
+        autotune.clear()
+    assert len(out["losses"]) == 2 and not out["oom"]
+    inside, during = 0, []
+    for kind, what in events:
+        inside += {"phase": 1, "end": -1}.get(kind, 0)
+        if kind == "measure" and inside:
+            during.append(what)
+    assert not during, during  # no trial inside a measured phase
+    first_step = events.index(("phase", "forward"))
+    training = [(i, key) for i, (k, key) in enumerate(events) if k == "measure" and not key.endswith("|eval")]
+    assert training and events.index(("end", "load")) < training[0][0] and training[-1][0] < first_step, events
+    rows = {key.split("|")[2] for _, key in training}
+    assert {"M32", "M64", "M128"} <= rows, rows  # 2 x 16, 2 x 32, 2 x 64 tokens: the sweep's lengths too
