@@ -292,8 +292,8 @@ def export_gguf(
             t = replaced[name].to(torch.float32)
         else:
             t = tensors.get(name)
-        if onto == "dequantized" and name in linear_names:
-            t = nf4_roundtrip(t)
+        if onto == "dequantized" and name in linear_names and name not in tensors.stored_4bit:
+            t = nf4_roundtrip(t)  # (a pre-quantized base's 4-bit weights come dequantized already)
         if name in deltas:
             t = deltas[name].apply(t)
         kind = name.rsplit(".", 2)[-2] if name.startswith("blk.") else ""

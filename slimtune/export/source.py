@@ -18,6 +18,8 @@ import torch
 
 from slimtune.adapters.dora import dora_merge
 from slimtune.errors import SlimtuneError
+from slimtune.models.prequantized import quantized_names
+from slimtune.ops.nf4 import NF4Weight, dense_weight
 
 
 def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -42,6 +44,7 @@ class BaseTensors:
     shapes: dict[str, tuple[int, ...]]
     _get: object = field(repr=False)
     gguf_fields: dict = field(default_factory=dict, repr=False)  # a GGUF base's metadata (tokenizer.ggml.pre, …)
+    stored_4bit: set[str] = field(default_factory=set)  # stored as bitsandbytes 4-bit: ``get`` dequantizes them
 
     def get(self, name: str) -> torch.Tensor:
         return self._get(name)  # type: ignore[operator]
@@ -75,33 +78,59 @@ def open_gguf_base(path: Path, *, qk_heads: dict[str, int]) -> BaseTensors:
 
 
 def open_safetensors_base(folder: Path, name_map, *, tied: bool) -> BaseTensors:
-    """An HF folder's ``*.safetensors`` shards, memory-mapped; HF names mapped to llama.cpp's."""
+    """An HF folder's ``*.safetensors`` shards, memory-mapped; HF names mapped to llama.cpp's. The 4-bit weights of a
+    pre-quantized bitsandbytes checkpoint come out dequantized (fp32), their quant-state tensors are no tensors."""
     from safetensors import safe_open
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise SlimtuneError(f"{folder}: no *.safetensors files (GGUF export reads safetensors or a .gguf base)")
-    where: dict[str, tuple[Path, str]] = {}
-    shapes: dict[str, tuple[int, ...]] = {}
+    located: dict[str, Path] = {}  # checkpoint name -> its shard
     for f in files:
         with safe_open(str(f), framework="pt") as sf:
-            for key in sf.keys():
-                if tied and key == "lm_head.weight":
-                    continue
-                g = hf_to_gguf_name(name_map, key)
-                if g is None:
-                    if key.endswith("rotary_emb.inv_freq"):
-                        continue
-                    raise SlimtuneError(f"{folder}: tensor {key} has no llama.cpp name for this architecture")
-                where[g] = (f, key)
-                shapes[g] = tuple(sf.get_slice(key).get_shape())
+            located.update((key, f) for key in sf.keys())
+    owner = quantized_names(located)  # the parts of each 4-bit weight -> that weight
+    where: dict[str, str] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for key, f in located.items():
+        if (tied and key == "lm_head.weight") or owner.get(key, key) != key:
+            continue
+        g = hf_to_gguf_name(name_map, key)
+        if g is None:
+            if key.endswith("rotary_emb.inv_freq"):
+                continue
+            raise SlimtuneError(f"{folder}: tensor {key} has no llama.cpp name for this architecture")
+        where[g] = key
+        if key in owner:
+            shapes[g] = tuple(_quant_state(located, owner, key).shape)
+            continue
+        with safe_open(str(f), framework="pt") as sf:
+            shapes[g] = tuple(sf.get_slice(key).get_shape())
+
+    def read(key: str) -> torch.Tensor:
+        with safe_open(str(located[key]), framework="pt") as sf:
+            return sf.get_tensor(key)
 
     def get(name: str) -> torch.Tensor:
-        f, key = where[name]
-        with safe_open(str(f), framework="pt") as sf:
-            return sf.get_tensor(key).to(torch.float32)
+        key = where[name]
+        if key not in owner:
+            return read(key).to(torch.float32)
+        qs = _quant_state(located, owner, key)
+        return dense_weight(NF4Weight.from_quant_state(read(key), qs), torch.float32)
 
-    return BaseTensors(shapes=shapes, _get=get)
+    return BaseTensors(shapes=shapes, _get=get, stored_4bit={g for g, k in where.items() if k in owner})
+
+
+def _quant_state(located: dict[str, Path], owner: dict[str, str], key: str):
+    """The bitsandbytes QuantState of the stored 4-bit weight ``key`` (its parts read from their shards)."""
+    import bitsandbytes.functional as bnbf
+    from safetensors import safe_open
+
+    parts = {}
+    for part in (k for k, w in owner.items() if w == key and k != key):
+        with safe_open(str(located[part]), framework="pt") as f:
+            parts[part[len(key) + 1:]] = f.get_tensor(part)
+    return bnbf.QuantState.from_dict(parts, device="cpu")
 
 
 @dataclass

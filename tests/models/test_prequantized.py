@@ -122,7 +122,7 @@ def _recipe(tmp_path, model_dir) -> Path:
     return p
 
 
-def test_run_export_peft_and_merge(tmp_path, prequantized, monkeypatch):
+def test_run_export_peft_merge_and_gguf(tmp_path, prequantized, monkeypatch):
     import slimtune.train.loop as loop
 
     saved = _saved(prequantized)
@@ -182,6 +182,15 @@ def test_run_export_peft_and_merge(tmp_path, prequantized, monkeypatch):
                 torch.testing.assert_close(merged.get_submodule(name).weight, w + 2.0 * b @ a, rtol=0, atol=1e-6)
         with torch.no_grad():
             torch.testing.assert_close(merged(ids).logits, want, rtol=1e-4, atol=1e-4)
+
+    # the merged GGUF reads the stored 4-bit weights dequantized (transformers' GGUF loader reads it back)
+    res = runner.invoke(app, ["export", str(run), "--format", "gguf", "--quant", "F16", "--out", str(tmp_path / "g")])
+    assert res.exit_code == 0, res.output
+    (gguf,) = (tmp_path / "g").glob("*.gguf")
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                             dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, want, rtol=1e-2, atol=1e-2)
 
 
 def test_estimate_sizes_the_stored_4bit_weights(tmp_path, prequantized):
