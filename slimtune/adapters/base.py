@@ -225,6 +225,11 @@ class Adapter(nn.Module):
     def after_load(self) -> None:
         """Called after tensors were loaded into this adapter (drop caches). Default: nothing."""
 
+    @classmethod
+    def regularization(cls, adapters: list[Adapter]) -> torch.Tensor | None:
+        """Extra loss terms of this kind over all its modules (KaSA's), added once per optimizer step; None: none."""
+        return None
+
     def select_rank(self, rank: int) -> None:
         """Run (eval, merge, export) at a lower rank: kinds with nested ranks (DyLoRA) override it."""
         raise ValueError(f"--rank {rank}: adapter kind {self.kind} has no nested ranks (dylora has)")
@@ -335,6 +340,12 @@ def adapter_config_union() -> Any:
     if len(configs) == 1:
         return configs[0]
     return Annotated[Union[configs], Field(discriminator="kind")]  # noqa: UP007
+
+
+def regularization(adapters: dict[str, Adapter]) -> torch.Tensor | None:
+    """The extra loss of the adapters' kind (``Adapter.regularization``), or None when the kind has none."""
+    items = list(adapters.values())
+    return type(items[0]).regularization(items) if items else None
 
 
 def kaiming_uniform_(t: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from slimtune.adapters.export import export_peft, load_native, save_native, stack_on
 from slimtune.adapters.inject import adapters_of, inject
-from slimtune.adapters.base import cast_trainable
+from slimtune.adapters.base import cast_trainable, regularization
 from slimtune.adapters.full import select_trainable
 from slimtune.config.recipe import Recipe
 from slimtune.data.dataset import TrainData, build_dataset
@@ -357,7 +357,8 @@ class Trainer:
                         new = cb.on_micro_batch_loss(self, i, loss_sum)
                         loss_sum = loss_sum if new is None else new
                 with self._phase("backward"):
-                    (loss_sum / max(n_target, 1)).backward()
+                    reg = regularization(self.adapters) if i == 0 else None  # the kind's extra loss (KaSA), once a step
+                    (loss_sum / max(n_target, 1) + (0 if reg is None else reg)).backward()
             total += loss_sum.detach()
         if self.dist is not None:
             total = self.dist.all_sum(total)  # the global loss: the same on every rank (and in the log)

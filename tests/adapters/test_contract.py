@@ -23,7 +23,8 @@ VARIANTS = [(k, {}) for k in KINDS] + [
     ("nlora", {"init": "as_released"}),
     ("inttune", {"residual": "adapter"}),
 ]
-STARTS_ELSEWHERE = [("nlora", {"init": "as_released"})]  # reproduces public code that does not start at the base
+STARTS_ELSEWHERE = [("nlora", {"init": "as_released"}),  # reproduces public code that does not start at the base
+                    ("kasa", {})]  # the truncation of the r smallest singular triplets is the method
 
 
 def make_model(quant="none", seed=0, layers=2):
