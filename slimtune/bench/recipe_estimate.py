@@ -7,6 +7,7 @@ from typing import Any
 
 from slimtune.bench.configs import resolve_model_config
 from slimtune.bench.estimate import Estimate, estimate, estimate_full
+from slimtune.config.objective import PAIRED
 from slimtune.errors import ModelError, SlimtuneError
 from slimtune.loram.estimate import recipe_loram_layout
 from slimtune.models.load import resolve_package_path
@@ -24,6 +25,8 @@ def estimate_recipe_stages(recipe: Any, gpu_mem_gib: float | None = 24.0) -> lis
     ``double_quant``, ``compute_dtype`` ("auto" is bfloat16, what a CUDA run uses), ``quantize_lm_head``; the whole
     ``adapter`` block (any registered kind, injected as the trainer injects it); ``train.optimizer``/``micro_batch``/
     ``grad_checkpointing``/``fused``; seq_len = ``data.max_seq_len``; LoRAM: the ``loram`` block or a pruned folder.
+    ``train.objective``: a paired preference objective runs chosen + rejected in one forward (2 × micro_batch rows;
+    see :func:`_objective_rows`).
     """
     try:
         config = resolve_model_config(resolve_package_path(recipe.model.name))
@@ -39,6 +42,8 @@ def estimate_recipe_stages(recipe: Any, gpu_mem_gib: float | None = 24.0) -> lis
         if getattr(stage, "kind", "train") != "train":  # merge / eval / arithmetic stages train nothing
             continue
         a, q, t = r.adapter, r.quant, r.train
+        rows, why = _objective_rows(t, full=a.kind == "full")
+        t = t.model_copy(update={"micro_batch": rows})
         if a.kind == "full":  # full fine-tuning (slimtune.adapters.full): the trainer loads the base dense
             est = estimate_full(
                 config, modules=a.modules, optimizer=t.optimizer, optimizer_on=getattr(t, "optimizer_on", "device"),
@@ -46,6 +51,7 @@ def estimate_recipe_stages(recipe: Any, gpu_mem_gib: float | None = 24.0) -> lis
                 seq_len=r.data.max_seq_len, micro_batch=t.micro_batch, grad_checkpointing=t.grad_checkpointing,
                 gpu_mem_gib=gpu_mem_gib, loram=loram)
             est.model = recipe.model.name
+            est.notes += why
             out.append((stage.name, est))
             continue
         options = {k: v for k, v in a.model_dump().items() if k not in ("kind", "rank", "targets", "layers", "dropout")}
@@ -63,6 +69,7 @@ def estimate_recipe_stages(recipe: Any, gpu_mem_gib: float | None = 24.0) -> lis
             adapter_dtype=t.adapter_dtype, embeddings_on=t.embeddings_on, optimizer_on=t.optimizer_on,
         )
         est.model = recipe.model.name + ("" if loram is None else f" pruned at ratio {loram['ratio']:g} (LoRAM)")
+        est.notes += why
         if stored is not None:  # always streamed as stored (slimtune.models.prequantized), whatever model.load says
             est.host_load_full_bytes = est.host_load_peak_bytes
             est.notes.append(f"pre-quantized bitsandbytes checkpoint: its {stored['mode']} weights"
@@ -72,6 +79,28 @@ def estimate_recipe_stages(recipe: Any, gpu_mem_gib: float | None = 24.0) -> lis
     if not out:
         raise SlimtuneError(f"{recipe.name or 'recipe'}: no training stage to estimate")
     return out
+
+
+def _objective_rows(train: Any, *, full: bool) -> tuple[int, list[str]]:
+    """(rows per micro-batch forward, notes) of ``train.objective`` (slimtune/objectives). Paired preference: 2 rows
+    per example. The reference pass (DPO/IPO/KTO with an adapter, not precomputed) runs the same rows with the
+    adapters off under no_grad: it saves nothing for backward, and its transient buffers (one layer's, and one
+    vocabulary block of the streamed head) are freed before the policy's forward, so it adds nothing to the peak.
+    KTO's KL rows run under no_grad too."""
+    obj = getattr(train, "objective", "sft")
+    if obj == "sft":
+        return train.micro_batch, []
+    rows = train.micro_batch * (2 if obj in PAIRED else 1)
+    notes = [f"train.objective {obj}: " + (f"chosen + rejected in one forward: {rows} rows of <= data.max_seq_len"
+                                           if obj in PAIRED else f"{rows} rows + {rows} KL rows under no_grad")]
+    if obj in ("dpo", "ipo", "kto"):
+        pre = train.preference.precompute_reference
+        pre = full if pre is None else pre
+        notes.append("reference log-probs precomputed before training (16 bytes per example on disk); the step runs "
+                     "one model" if pre else "reference = the base with the adapters off, under no_grad in the step: "
+                     "no second model, no saved activations (its forward's transient buffers come before the "
+                     "policy's)")
+    return rows, notes
 
 
 def estimate_for_recipe(recipe: Any, gpu_mem_gib: float | None = 24.0) -> Estimate:

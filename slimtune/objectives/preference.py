@@ -11,7 +11,9 @@ function, ε ``label_smoothing`` and Δ = (π_c − ρ_c) − (π_r − ρ_r):
   per-token mean log-prob p̄ = exp(π/n), NLL_c = −π_c/n_c; rewards λ·π/n.
 
 Metrics (means over the step's pairs): rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies (the
-chosen reward strictly above the rejected one), logps/chosen, logps/rejected — TRL's names and definitions.
+chosen reward strictly above the rejected one), logps/chosen, logps/rejected — TRL's names and definitions — and
+logps/accuracies: the policy itself gives the chosen completion the higher log-prob (meaningful before training,
+when every reward is 0).
 """
 
 from __future__ import annotations
@@ -97,5 +99,5 @@ class Paired(Objective):
         c, r = out.chosen_rewards, out.rejected_rewards
         self._record(B, **{"rewards/chosen": c, "rewards/rejected": r, "rewards/margins": c - r,
                            "rewards/accuracies": (c > r).double(), "logps/chosen": sums[:B],
-                           "logps/rejected": sums[B:]})
+                           "logps/rejected": sums[B:], "logps/accuracies": (sums[:B] > sums[B:]).double()})
         return out.losses.sum()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from types import SimpleNamespace
 from typing import Any
 
 from slimtune.adapters.export import export_peft
@@ -54,9 +55,11 @@ class EvaluateDuringTraining(TrainerCallback):
             path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         self.history = rows
         self.best = min(rows, key=lambda r: r["val_loss"]) if rows else None
+        if not self.sft and trainer.pos.step == 0:  # preference: where the held-out accuracy starts (step 0)
+            self.on_step_end(trainer, SimpleNamespace(step=0, loss=None))
 
     def on_step_end(self, trainer, result) -> None:
-        if result.step % self.every and result.step != trainer.total_steps:
+        if result.step % self.every and result.step != trainer.total_steps and result.step:
             return
         mb = trainer.recipe.train.micro_batch
         if self.sft:
