@@ -47,7 +47,8 @@ CUDA context
     allocated memory but which the card must hold.
 
 host memory (not in the GPU total)
-    `host_bytes`: the pinned embedding table, an optimizer in host memory, the offloaded layer inputs; and the peak
+    `host_bytes`: the pinned embedding table, an optimizer in host memory, the offloaded layer inputs (pinned blocks
+    torch's host allocator keeps until the process ends: the largest step's stay held); and the peak
     while loading: streamed (`model.load: auto`), one checkpoint tensor in bf16 plus one fp32 quantization chunk;
     `model.load: full`, the whole model in the compute dtype plus one weight in fp32. Beyond the process's own RSS.
 

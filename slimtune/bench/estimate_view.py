@@ -104,6 +104,11 @@ def to_json(est: Estimate) -> dict[str, Any]:
     return out
 
 
+# torch's pinned-memory allocator caches what save_on_cpu frees: the RAM stays held (issue 23)
+_HOST_NOTES = {"offloaded layer inputs (pinned)": ": the largest step's pinned blocks stay held by torch's host "
+               "allocator until the process ends (never returned to the OS)"}
+
+
 def format_table(est: Estimate):
     """A rich Table of the components, the total and (with a GPU size) the verdict."""
     from rich.table import Table
@@ -124,7 +129,7 @@ def format_table(est: Estimate):
     table.add_section()
     table.add_row("total (GPU)", f"{est.total_bytes / GiB:.3f}", f"{est.total_bytes / GB:.2f} GB", style="bold")
     for what, value in est.host_bytes.items():
-        table.add_row("host memory", f"{value / GiB:.3f}", what)
+        table.add_row("host memory", f"{value / GiB:.3f}", what + _HOST_NOTES.get(what, ""))
     table.add_row("host, loading", f"{est.host_load_peak_bytes / GiB:.3f}",
                   f"peak streamed (one tensor + one fp32 chunk); {est.host_load_full_bytes / GiB:.1f} GiB with "
                   "model.load: full")
