@@ -73,7 +73,8 @@ class DyLoRA(LoRA):
     def select_rank(self, rank: int) -> None:
         """Run (eval, merge, export) at ``rank`` ≤ r from now on."""
         if not 0 < rank <= self.config.rank:
-            raise ValueError(f"--rank {rank}: a DyLoRA adapter of rank {self.config.rank} runs at ranks 1..{self.config.rank}")
+            r = self.config.rank
+            raise ValueError(f"--rank {rank}: a DyLoRA adapter of rank {r} runs at ranks 1..{r}")
         self.eval_rank = rank
 
     def truncated(self, b: int, *, frozen: bool = False) -> LowRank:

@@ -17,6 +17,22 @@ from slimtune.train.loop import Trainer, causal_lm_loss_sum
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
+IDS = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))  # token ids of the tiny_base tests
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def randomize_b(adapters, seed=1):
+    """B (zero at init) set to small random values, so the update and every gradient are non-zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for a in adapters.values():
+            a.lora_B.copy_(torch.randn(a.lora_B.shape, generator=g) * 0.1)
+
+
 def tiny_loaded(quant: str = "nf4", layers: int = 2):
     """The tiny Llama with the tiny tokenizer, NF4 by default (the recipes' quant)."""
     from transformers import LlamaForCausalLM
@@ -65,7 +81,7 @@ def adapter_tensors(t: Trainer) -> dict[str, torch.Tensor]:
 
 
 def check_resume_is_exact(name: str, tmp_path: Path, *overrides: str) -> dict[str, torch.Tensor]:
-    """4 steps straight equal 2 steps, a checkpoint, a fresh process-like Trainer resuming, 2 more steps (bit for bit)."""
+    """4 steps straight equal 2 steps, a checkpoint, a fresh Trainer resuming, 2 more steps (bit for bit)."""
     common = ("train.steps=4", "train.save_every=2", *overrides)
     straight = trainer(name, tmp_path / "a", *common)
     straight.train()

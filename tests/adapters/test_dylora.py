@@ -15,28 +15,16 @@ from slimtune.adapters.export import export_peft, save_native
 from slimtune.adapters.inject import inject, merge
 
 from adapter_helpers import tiny_base
-from kind_training import check_fused_equals_unfused, check_recipe_trains, check_resume_is_exact, estimate_json
+from kind_training import (check_fused_equals_unfused, check_recipe_trains, check_resume_is_exact,
+                           estimate_json, logits, randomize_b)
 from test_counts import LLAMA2_7B, closed_form
 
 Q = "model.layers.0.self_attn.q_proj"
-IDS = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))
 
 
 def cfg(**kw):
     kw = {"rank": 6, "alpha": 12.0, **kw}
     return get_adapter_class("dylora").Config(kind="dylora", **kw)
-
-
-def randomize(adapters, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for a in adapters.values():
-            a.lora_B.copy_(torch.randn(a.lora_B.shape, generator=g) * 0.1)
-
-
-def logits(model):
-    with torch.no_grad():
-        return model(IDS).logits
 
 
 def test_rank_draws_are_uniform_and_a_function_of_the_step():
@@ -55,7 +43,7 @@ def test_training_step_matches_float64_formula(frozen, quant):
     The scale is the public code's (alpha/r)·√(r/b)·√(r/b) = alpha/b."""
     model = tiny_base(quant)
     a = inject(model, cfg(frozen=frozen))[Q]
-    randomize({Q: a})
+    randomize_b({Q: a})
     a.train()
     for step in (0, 3, 7):
         a.on_step(step, 10)
@@ -85,7 +73,7 @@ def test_eval_merge_and_peft_export_at_any_rank(tmp_path):
 
     model = tiny_base("nf4")
     adapters = inject(model, cfg())
-    randomize(adapters)
+    randomize_b(adapters)
     full = logits(model)
     for b in (2, 6):
         for a in adapters.values():
@@ -120,7 +108,7 @@ def test_export_cli_rank(tmp_path):
     tok.save_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
     adapters = inject(model, cfg())
-    randomize(adapters)
+    randomize_b(adapters)
     save_native(model, tmp_path / "native")
     for a in adapters.values():
         a.select_rank(3)
@@ -139,7 +127,7 @@ def test_export_cli_rank(tmp_path):
 
 def test_fused_path_equals_unfused():
     def inject_random(model):
-        randomize(inject(model, cfg(rank=5)))
+        randomize_b(inject(model, cfg(rank=5)))
 
     check_fused_equals_unfused(lambda: tiny_base("nf4", layers=2), inject_random)
 

@@ -16,30 +16,17 @@ from slimtune.train.callbacks import TrainerCallback
 
 from adapter_helpers import tiny_base
 from kind_training import (check_fused_equals_unfused, check_recipe_trains, check_resume_is_exact, estimate_json,
-                           trainer)
+                           logits, randomize_b, trainer)
 from test_counts import LLAMA2_7B, closed_form
 
 Q = "model.layers.0.self_attn.q_proj"
 K = "model.layers.0.self_attn.k_proj"  # (128, 64): out > in
 DOWN = "model.layers.0.mlp.down_proj"  # (64, 136): out < in
-IDS = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))
 
 
 def cfg(**kw):
     kw = {"rank": 4, "alpha": 8.0, "beta": 0.3, "gamma": 0.2, **kw}
     return get_adapter_class("kasa").Config(kind="kasa", **kw)
-
-
-def randomize(adapters, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for a in adapters.values():
-            a.lora_B.copy_(torch.randn(a.lora_B.shape, generator=g) * 0.1)
-
-
-def logits(model):
-    with torch.no_grad():
-        return model(IDS).logits
 
 
 @pytest.mark.parametrize("quant", ["none", "nf4"])
@@ -65,7 +52,7 @@ def test_truncation_is_the_r_smallest_triplets(quant):
 @pytest.mark.parametrize("quant", ["none", "nf4"])
 def test_forward_and_gradients_match_float64_formula(quant):
     adapters = inject(tiny_base(quant), cfg())
-    randomize(adapters)
+    randomize_b(adapters)
     for name in (K, DOWN):
         a = adapters[name]
         w64 = dense_weight(a.base_layer).double()
@@ -88,7 +75,7 @@ def test_forward_and_gradients_match_float64_formula(quant):
 def test_regularization_matches_the_formula():
     """(β Σ‖Δσ‖² + γ Σ (‖ΔUᵀΔU − I‖_F + ‖ΔVᵀΔV − I‖_F)) / M with ΔU = B, ΔVᵀ = A (r × r Gram matrices)."""
     adapters = inject(tiny_base(), cfg())
-    randomize(adapters)
+    randomize_b(adapters)
     cls = get_adapter_class("kasa")
     reg = cls.regularization(list(adapters.values()))
     want = torch.zeros((), dtype=torch.float64)
@@ -151,7 +138,7 @@ def test_peft_export_is_rank_2r_and_exact(tmp_path):
     from peft import PeftModel
 
     model = tiny_base("nf4")
-    randomize(inject(model, cfg()))
+    randomize_b(inject(model, cfg()))
     ours = logits(model)
     export_peft(model, tmp_path)
     assert json.loads((tmp_path / PEFT_CONFIG).read_text())["r"] == 8
@@ -163,7 +150,7 @@ def test_load_never_recomputes_the_svd(tmp_path, monkeypatch):
     import slimtune.adapters.kasa as kasa
 
     model = tiny_base()
-    randomize(inject(model, cfg()))
+    randomize_b(inject(model, cfg()))
     ours = logits(model)
     save_native(model, tmp_path)
 
@@ -178,7 +165,7 @@ def test_load_never_recomputes_the_svd(tmp_path, monkeypatch):
 
 def test_fused_path_equals_unfused():
     def inject_random(model):
-        randomize(inject(model, cfg()))
+        randomize_b(inject(model, cfg()))
 
     check_fused_equals_unfused(lambda: tiny_base("nf4", layers=2), inject_random)
 

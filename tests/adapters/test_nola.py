@@ -54,7 +54,8 @@ def reference(a, x, g, w):
     beta = a.nola_beta.detach().double().requires_grad_()
     u = basis_chunk(a.seed, STREAM_A, 0, k, r * a.in_features, "cpu").double().view(k, r, a.in_features)
     v = basis_chunk(a.seed, STREAM_B, 0, l, a.out_features * r, "cpu").double().view(l, a.out_features, r)
-    a0 = uniform_stream(a.seed, STREAM_A0, 0, r * a.in_features).double().view(r, a.in_features) / math.sqrt(a.in_features)
+    a0 = uniform_stream(a.seed, STREAM_A0, 0, r * a.in_features).double().view(r, a.in_features)
+    a0 = a0 / math.sqrt(a.in_features)  # kaiming-uniform(a=√5): ±1/√in
     big_a = a0 + torch.einsum("b,bri->ri", alpha, u) / math.sqrt(k)
     big_b = torch.einsum("b,bor->or", beta, v) / math.sqrt(l)
     x64 = x.detach().double().requires_grad_()

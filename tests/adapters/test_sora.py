@@ -14,11 +14,11 @@ from slimtune.adapters.inject import inject
 from slimtune.adapters.sora import soft_threshold
 
 from adapter_helpers import tiny_base
-from kind_training import check_fused_equals_unfused, check_recipe_trains, check_resume_is_exact, estimate_json
+from kind_training import (IDS, check_fused_equals_unfused, check_recipe_trains, check_resume_is_exact,
+                           estimate_json, logits, randomize_b)
 from test_counts import LLAMA2_7B, closed_form
 
 Q = "model.layers.0.self_attn.q_proj"
-IDS = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))
 
 
 def cfg(**kw):
@@ -26,22 +26,10 @@ def cfg(**kw):
     return get_adapter_class("sora").Config(kind="sora", **kw)
 
 
-def randomize(adapters, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for a in adapters.values():
-            a.lora_B.copy_(torch.randn(a.lora_B.shape, generator=g) * 0.1)
-
-
-def logits(model):
-    with torch.no_grad():
-        return model(IDS).logits
-
-
 @pytest.mark.parametrize("quant", ["none", "nf4"])
 def test_forward_and_gradients_match_float64_formula(quant):
     a = inject(tiny_base(quant), cfg())[Q]
-    randomize({Q: a})
+    randomize_b({Q: a})
     x = torch.randn(5, 64, requires_grad=True)
     g = torch.randn(5, a.out_features)
     (a(x) * g).sum().backward()
@@ -99,7 +87,7 @@ def test_export_drops_zeroed_ranks(tmp_path):
 
     model = tiny_base("nf4")
     adapters = inject(model, cfg())
-    randomize(adapters)
+    randomize_b(adapters)
     with torch.no_grad():
         adapters[Q].sora_gate[[1, 4]] = 0  # two ranks removed
         adapters["model.layers.0.mlp.up_proj"].sora_gate.zero_()  # every rank removed
@@ -113,7 +101,7 @@ def test_export_drops_zeroed_ranks(tmp_path):
 
 def test_fused_path_equals_unfused():
     def inject_random(model):
-        randomize(inject(model, cfg()))
+        randomize_b(inject(model, cfg()))
 
     check_fused_equals_unfused(lambda: tiny_base("nf4", layers=2), inject_random)
 
