@@ -35,6 +35,7 @@ from slimtune.models.streaming import (
     _read_safetensors,
     _safetensors_header,
     _tied_head,
+    finish_fill,
     linear4bit,
     release_host_memory,
     set_module,
@@ -173,14 +174,7 @@ def _fill(model: nn.Module, tensors, owner: dict[str, str], names: dict[str, str
             _place_4bit(model, names[w], parts, dense=dense, device=device, dtype=dtype, source=source)
     if tied:
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
-    for name, b in list(model.named_buffers()):
-        mod_name, _, leaf = name.rpartition(".")
-        mod = model.get_submodule(mod_name) if mod_name else model
-        if leaf in mod._buffers and mod._buffers[leaf] is b:
-            mod._buffers[leaf] = b.to(device, dtype) if b.is_floating_point() else b.to(device)
-    left = [n for n, p in model.named_parameters() if p.is_meta]
-    if left:
-        raise ModelError(f"model.name: {source}: {len(left)} tensors were not in the checkpoint ({left[0]})")
+    finish_fill(model, device=device, dtype=dtype, source=source)
 
 
 def _place(model: nn.Module, name: str, value: torch.Tensor) -> None:

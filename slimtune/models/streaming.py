@@ -63,7 +63,7 @@ def quantized_weight(weight: torch.Tensor, *, mode: str, double_quant: bool, blo
     flat = weight.detach().reshape(-1)
     packed, absmax = [], []
     for r in range(0, rows, step):
-        x = flat[r * cols:(r + step) * cols].to("cpu", torch.float32).to(device)  # (chunk,) fp32
+        x = flat[r * cols:(r + step) * cols].to(torch.float32).to(device)  # (chunk,) fp32, converted where it is
         codes, amax = torch.ops.bitsandbytes.quantize_4bit.default(x, blocksize, mode, torch.uint8)
         packed.append(codes)
         absmax.append(amax)
@@ -263,6 +263,12 @@ def _fill(model: nn.Module, tensors, quant_cfg: QuantConfig, *, device: torch.de
         del t
     if tied and "lm_head.weight" not in quantized:
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    finish_fill(model, device=device, dtype=dtype, source=source)
+
+
+def finish_fill(model: nn.Module, *, device: torch.device, dtype: torch.dtype, source: str) -> None:
+    """After the checkpoint's tensors: the model's own buffers (rotary tables) cast and placed; a parameter still on
+    the meta device (no checkpoint tensor filled it) is a one-line error."""
     for name, b in list(model.named_buffers()):
         mod_name, _, leaf = name.rpartition(".")
         mod = model.get_submodule(mod_name) if mod_name else model
