@@ -3,9 +3,10 @@
     result = run_bench(BenchConfig(model_config="tiny", device="cpu", steps=3), log=print)
     paths = slimtune.bench.report.write_report(result, "bench/results/cpu-2025-01-01")
 
-Both tools train the same base: a causal LM built from a config (no download) with seeded random weights, quantized
-to NF4 (double quant) on the device, adapters of the same kind, rank, alpha and targets, the same optimizer, on the
-same random tokens (fixed seed; labels = inputs). slimtune: its adapters, ``fuse_model`` (fused kernels; Triton on
+Both tools train the same base: a causal LM built from a config (no download) with seeded random weights drawn and
+quantized to NF4 (double quant) on the device once (``RandomBase``: both tools' models share its tensors),
+adapters of the same kind, rank, alpha and targets, the same optimizer, on the same random tokens (fixed seed;
+labels = inputs). slimtune: its adapters, ``fuse_model`` (fused kernels; Triton on
 CUDA, the torch reference on CPU), the chunked linear cross-entropy (``causal_lm_loss``) and checkpointing mode
 ``--checkpointing`` (none | full | offload). Baseline: see :mod:`slimtune.bench.baseline` (PEFT LoRA on bnb
 ``Linear4bit``, HF gradient checkpointing with ``use_reentrant=False``, SDPA, ``model(ids, labels).loss``).
@@ -16,11 +17,13 @@ trainer callback (``_Measure``) wrapping the trainer's forward / backward / opti
 
 Figures, per tool:
 
-* peak memory per phase (load = building the model + optimizer; then forward, backward, optimizer step of every
-  step, the max over steps): on CUDA ``max_memory_allocated`` / ``max_memory_reserved`` after
-  ``reset_peak_memory_stats`` at each phase start; on CPU the process's peak RSS (VmHWM) after resetting it at
-  each phase start (``/proc/self/clear_refs``; a sampling thread where that is not allowed), reported as bytes
-  above the RSS just before the tool's model was built (both tools run in one process, one after the other);
+* peak memory per phase (load = the tool's model over the shared base, its adapters and optimizer; then forward,
+  backward, optimizer step of every step, the max over steps): on CUDA ``max_memory_allocated`` /
+  ``max_memory_reserved`` after ``reset_peak_memory_stats`` at each phase start; on CPU the process's peak RSS
+  (VmHWM) after resetting it at each phase start (``/proc/self/clear_refs``; a sampling thread where that is not
+  allowed), reported as bytes above the RSS just before the tool's model was built, less the shared base's bytes
+  (so the base counts in each tool's figures, as it does on CUDA; both tools run in one process, one after the
+  other);
 * tokens/s: the median over the steps after ``warmup`` (forward + backward + optimizer step, synchronised);
 * bytes saved for backward (``saved_tensors_hooks``, :mod:`slimtune.bench.memory`), the device-independent
   activation measure: per token per decoder layer without checkpointing (one decoder layer run on its real
@@ -69,7 +72,7 @@ from slimtune.bench.memory import (
     recording_offload,
     saved_bytes,
 )
-from slimtune.bench.random_model import random_base, random_tokens
+from slimtune.bench.random_model import RandomBase, random_tokens
 from slimtune.config.recipe import Recipe
 from slimtune.data.dataset import TrainData
 from slimtune.errors import ResourceError, SlimtuneError
@@ -106,16 +109,21 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
 # --------------------------------------------------------------------------------------------- the models
 
 
-def build_slimtune(config, cfg: BenchConfig, *, device: torch.device, dtype: torch.dtype, targets: tuple[str, ...]
-                   ) -> tuple[nn.Module, list[str]]:
-    """The slimtune side: NF4 base, slimtune adapters, fused kernels, chunked CE, ``cfg.checkpointing``."""
-    model = random_base(config, device=device, dtype=dtype, seed=cfg.seed)
+def build_slimtune(config, cfg: BenchConfig, *, device: torch.device, dtype: torch.dtype, targets: tuple[str, ...],
+                   base: RandomBase | None = None) -> tuple[nn.Module, list[str]]:
+    """The slimtune side: NF4 base (``base``'s tensors, else drawn here), slimtune adapters, fused kernels, chunked
+    CE, ``cfg.checkpointing``."""
+    model = (base or _random_base(config, cfg, device, dtype)).model()
     cls = get_adapter_class(cfg.adapter)
     inject(model, cls.Config(kind=cfg.adapter, rank=cfg.rank, alpha=_alpha(cfg), targets=list(targets)))
     report = fuse_model(model)
     enable_checkpointing(model, cfg.checkpointing)
     model.train()
     return model, report.lines()
+
+
+def _random_base(config, cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> RandomBase:
+    return RandomBase(config, device=device, dtype=dtype, seed=cfg.seed)
 
 
 def _alpha(cfg: BenchConfig) -> float:
@@ -195,7 +203,9 @@ def search_max_context(try_seq: Callable[[int], bool], *, start: int, limit: int
 # --------------------------------------------------------------------------------------------- one tool
 
 
-def _estimate_for(tool: str, config, cfg: BenchConfig, dtype: torch.dtype, targets, seq_len: int) -> Estimate:
+def tool_estimate(tool: str, config, cfg: BenchConfig, dtype: torch.dtype, targets, seq_len: int) -> Estimate:
+    """The estimator's figures for one tool of the bench at ``seq_len`` (slimtune: fused, its checkpointing mode;
+    the baseline: unfused, full checkpointing)."""
     dt = str(dtype).removeprefix("torch.")
     return estimate(
         config, quant="nf4", double_quant=True, compute_dtype=dt, adapter_dtype="float32", kind=cfg.adapter,
@@ -231,7 +241,7 @@ class _Side:
         return self.trainer.loss_fn(self.model, batch_of(ids))
 
     def estimate(self, seq_len: int) -> Estimate:
-        return _estimate_for(self.tool, self.config, self.cfg, self.dtype, self.targets, seq_len)
+        return tool_estimate(self.tool, self.config, self.cfg, self.dtype, self.targets, seq_len)
 
     def try_step(self, ids: torch.Tensor) -> bool:
         """One training step (``Trainer.step``) on ``ids``; False on an out-of-memory error (memory freed)."""
@@ -249,18 +259,20 @@ class _Side:
 
 
 def _build_side(tool: str, config, cfg: BenchConfig, *, device: torch.device, dtype: torch.dtype,
-                targets: tuple[str, ...], out: dict[str, Any], run_dir: Path) -> _Side:
-    """Build the tool's model and its ``Trainer`` (slimtune: its adapters, trained as adapters; the baseline: the
-    PEFT model, whose trainable parameters are the LoRA weights, with HF's loss)."""
+                targets: tuple[str, ...], out: dict[str, Any], run_dir: Path, base: RandomBase | None = None) -> _Side:
+    """Build the tool's model over ``base`` (drawn here when None) and its ``Trainer`` (slimtune: its adapters,
+    trained as adapters; the baseline: the PEFT model, whose trainable parameters are the LoRA weights, with HF's
+    loss)."""
     if tool == "slimtune":
-        model, out["fuse_report"] = build_slimtune(config, cfg, device=device, dtype=dtype, targets=targets)
+        model, out["fuse_report"] = build_slimtune(config, cfg, device=device, dtype=dtype, targets=targets,
+                                                   base=base)
         mode = cfg.checkpointing
         out["description"] = (f"slimtune {cfg.adapter} adapters, fused kernels, chunked linear CE, "
                               f"checkpointing {mode}")
         kw: dict[str, Any] = {"trainable": "adapter"}
     else:
-        base = random_base(config, device=device, dtype=dtype, seed=cfg.seed)
-        model = build_baseline(base, kind=cfg.adapter, rank=cfg.rank, alpha=_alpha(cfg), targets=targets)
+        hf = (base or _random_base(config, cfg, device, dtype)).model()
+        model = build_baseline(hf, kind=cfg.adapter, rank=cfg.rank, alpha=_alpha(cfg), targets=targets)
         mode = "full"
         out["description"] = ("HF transformers + PEFT LoRA on bitsandbytes Linear4bit, SDPA, HF gradient "
                               "checkpointing (use_reentrant=False), model(ids, labels).loss")
@@ -276,16 +288,18 @@ def _build_side(tool: str, config, cfg: BenchConfig, *, device: torch.device, dt
 
 
 def run_tool(tool: str, config, cfg: BenchConfig, *, device: torch.device, dtype: torch.dtype,
-             targets: tuple[str, ...], log: Log) -> dict[str, Any]:
-    """Build one tool's model, train ``cfg.steps`` steps, measure. Returns its figures (see the module doc)."""
+             targets: tuple[str, ...], log: Log, base: RandomBase | None = None) -> dict[str, Any]:
+    """Build one tool's model (over ``base``, shared with the other tool), train ``cfg.steps`` steps, measure.
+    Returns its figures (see the module doc)."""
     free_memory(device)
-    out: dict[str, Any] = {"tool": tool, "rss_start_bytes": current_rss()}
+    host_base = base.nbytes if base is not None and device.type == "cpu" else 0  # counted as the model's
+    out: dict[str, Any] = {"tool": tool, "rss_start_bytes": current_rss() - host_base}
     meter = PhaseMeter(device)
     log(f"{tool}: building the model")
     with tempfile.TemporaryDirectory(prefix=f"slimtune-bench-{tool}-") as run_dir:  # the trainer's metrics.jsonl
         with meter.phase("load"):
             side = _build_side(tool, config, cfg, device=device, dtype=dtype, targets=targets, out=out,
-                               run_dir=Path(run_dir))
+                               run_dir=Path(run_dir), base=base)
         if tool == "slimtune":  # dispatch trials before the measured steps, never inside them (issue 23)
             lens = dispatch_lens([cfg.seq_len, *_sweep_lens(cfg)], batch=cfg.batch,
                                  grow=cfg.max_context and device.type == "cuda")
@@ -446,6 +460,7 @@ def _max_context(side: _Side, est: Estimate, log: Log) -> dict[str, Any]:
 
 
 def _sweep_lens(cfg: BenchConfig) -> list[int]:
+    """The sequence lengths of the memory sweep: ``seq_lens``, else seq_len / 2, seq_len, 2 seq_len."""
     if cfg.seq_lens:
         return sorted(set(int(s) for s in cfg.seq_lens))
     return sorted({max(1, cfg.seq_len // 2), cfg.seq_len, 2 * cfg.seq_len})
@@ -494,8 +509,14 @@ def run_bench(cfg: BenchConfig, *, log: Log | None = None, argv: list[str] | Non
         f"{counts['total']:,} parameters), seq {cfg.seq_len} x batch {cfg.batch}, {cfg.adapter} r{cfg.rank}")
     with _quiet_warnings():
         warm_up(cfg, device=device, dtype=dtype, targets=targets)
+        base = _random_base(config, cfg, device, dtype).build()  # once, for both tools
+        result["base"] = {"device": str(device), "build_seconds": round(base.build_seconds, 3),
+                          "bytes": base.nbytes, "seed": cfg.seed}
+        log(f"random base drawn and quantized on {device} in {base.build_seconds:.1f} s ({base.nbytes / GiB:.2f} GiB)")
         for tool in cfg.tools:
-            result["tools"][tool] = run_tool(tool, config, cfg, device=device, dtype=dtype, targets=targets, log=log)
+            result["tools"][tool] = run_tool(tool, config, cfg, device=device, dtype=dtype, targets=targets, log=log,
+                                             base=base)
+        del base
     result["ratios"] = ratios(result["tools"])
     result["wall_seconds"] = round((_dt.datetime.now(_dt.timezone.utc) - started).total_seconds(), 1)
     return result
