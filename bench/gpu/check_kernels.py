@@ -10,6 +10,11 @@ tiny shapes in fp32 on CPU (the dry run, and tests/bench/test_gpu_check.py).
 Shapes are Llama-3.1-8B's (hidden 4096, intermediate 14336, 32/8 heads of 128, NF4 with double quant, LoRA and
 DoRA r16). Every output and gradient is compared by ‖a − b‖ / ‖b‖ with the float64 formula; bf16 passes below
 BF16_TOL. Micro-benchmarks time forward + backward with CUDA events (median of `triton.testing.do_bench`).
+
+Every result is written as it is made: one JSON line per row appended (and flushed) to DIR/<what>.jsonl, the
+dispatch verdicts rewritten to DIR/dispatch.txt after each op, so a step killed at its time cap keeps every row
+made before; the Markdown / JSON tables are written at the end. Correctness runs the Triton kernels first, then the
+dequant backend, then the torch reference.
 """
 
 from __future__ import annotations
@@ -36,6 +41,27 @@ LLAMA = dict(hidden=4096, inter=14336, q=4096, kv=1024, heads=32, kv_heads=8, he
 SMALL = dict(hidden=64, inter=136, q=64, kv=32, heads=4, kv_heads=2, head_dim=16, vocab=300)
 
 
+class Rows(list):
+    """Result rows: each one appended to ``path`` as a JSON line (flushed) and printed as it is made."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = path
+        path.write_text("")
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        line = json.dumps(row)
+        with self.path.open("a") as f:
+            f.write(line + "\n")
+            f.flush()
+        print(line, flush=True)
+
+    def extend(self, rows) -> None:
+        for row in rows:
+            self.append(row)
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double(), b.detach().double()
     if not torch.isfinite(a).all():
@@ -44,9 +70,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _backends(device: torch.device) -> list[str]:
-    out = ["torch", "dequant"]
+    """The backends to check, the least proven first (Triton, then dequant, then the torch reference)."""
+    out = ["dequant", "torch"]
     if dispatch.triton_available() and (device.type == "cuda" or dispatch.interpreter_on()):
-        out.append("triton")
+        out.insert(0, "triton")
     return out
 
 
@@ -80,12 +107,11 @@ def _check(name, run, ref, tensors, cot, tol, rows, backend):
         rows.append({"check": name, "backend": backend, "ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]})
 
 
-def correctness(device: torch.device, small: bool) -> list[dict]:
+def correctness(device: torch.device, small: bool, rows: list[dict]) -> list[dict]:
     cfg, dtype = (SMALL, torch.float32) if small else (LLAMA, torch.bfloat16)
     tol = FP32_TOL if small else BF16_TOL
     m = 37 if small else 2048
     h, inter = cfg["hidden"], cfg["inter"]
-    rows: list[dict] = []
     g = torch.Generator().manual_seed(1)
     rnd = lambda *s: torch.randn(*s, generator=g).to(device, dtype)  # noqa: E731
     for backend in _backends(device):
@@ -112,19 +138,18 @@ def correctness(device: torch.device, small: bool) -> list[dict]:
             _check(f"lora_mlp {tag} M={m}", lambda: lora_mlp(x, **mlp, backend=backend),
                    lambda: lora_mlp_reference(x, **mlp, dtype=torch.float64), ts, [rnd(m, h)], tol, rows, backend)
     _check_small_ops(cfg, m, device, dtype, tol, rows, rnd)
-    rows.extend(_dequant_writers(cfg, device, dtype))
-    rows.extend(decoder_layer(device, small))
+    _dequant_writers(cfg, device, dtype, rows)
+    decoder_layer(device, small, rows)
     return rows
 
 
-def _dequant_writers(cfg, device, dtype) -> list[dict]:
+def _dequant_writers(cfg, device, dtype, rows: list[dict]) -> None:
     """The writers of the dequant backend's buffer (bitsandbytes, Triton) vs the exact torch reference: W of the
     gate projection, NF4 + double quant, in the compute dtype (bitwise up to an FMA-rounded absmax)."""
     from slimtune.ops import gemm_dequant
 
     w = quantize_4bit(torch.randn(cfg["inter"], cfg["hidden"], device=device, dtype=dtype) * 0.02)
     want = w.dequantize(dtype)
-    rows = []
     for writer in ("bnb", "triton"):
         if writer == "triton" and not (dispatch.triton_available() and device.type == "cuda"):
             continue
@@ -140,7 +165,6 @@ def _dequant_writers(cfg, device, dtype) -> list[dict]:
                          "error": f"{type(exc).__name__}: {exc}"[:300]})  # fmt: skip
         finally:
             gemm_dequant._writer = old
-    return rows
 
 
 def _check_small_ops(cfg, m, device, dtype, tol, rows, rnd) -> None:
@@ -179,7 +203,7 @@ def _check_small_ops(cfg, m, device, dtype, tol, rows, rnd) -> None:
                [torch.ones((), device=device)], tol, rows, backend)  # fmt: skip
 
 
-def decoder_layer(device: torch.device, small: bool) -> list[dict]:
+def decoder_layer(device: torch.device, small: bool, rows: list[dict]) -> None:
     """The fused 1-layer Llama-3.1-8B (NF4 + LoRA r16, every fused op on `auto`) vs the same model in float64 on the
     torch backend: loss and every adapter gradient."""
     from slimtune.adapters.base import get_adapter_class
@@ -199,7 +223,6 @@ def decoder_layer(device: torch.device, small: bool) -> list[dict]:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     report = fuse_model(model)
     ids = torch.randint(0, model.config.vocab_size, (1, seq), generator=g).to(device)
-    rows = []
     ref = copy.deepcopy(model).double()
     with dispatch.use_backend("torch"):
         loss64 = ref(input_ids=ids, labels=ids).loss
@@ -219,7 +242,6 @@ def decoder_layer(device: torch.device, small: bool) -> list[dict]:
         except Exception as exc:  # noqa: BLE001
             rows.append({"check": f"decoder layer {name}", "backend": mode, "ok": False,
                          "error": f"{type(exc).__name__}: {exc}"[:300]})  # fmt: skip
-    return rows
 
 
 def _time_ms(fn, device) -> float:
@@ -233,13 +255,12 @@ def _time_ms(fn, device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def microbench(device: torch.device, small: bool) -> list[dict]:
+def microbench(device: torch.device, small: bool, rows: list[dict]) -> list[dict]:
     """Forward + backward of one adapted projection per backend at Llama-3.1-8B shapes, M = 1k / 4k / 16k; the
     dense bf16 cuBLAS GEMMs of the same shape (3 per step: y, dX, no dW) as the floor."""
     cfg, dtype = (SMALL, torch.float32) if small else (LLAMA, torch.bfloat16)
     h, inter = cfg["hidden"], cfg["inter"]
     shapes = {"q/o": (cfg["q"], h), "k/v": (cfg["kv"], h), "gate/up": (inter, h), "down": (h, inter)}
-    rows = []
     for m in ((16, 64) if small else (1024, 4096, 16384)):
         for name, (o, i) in shapes.items():
             proj = _proj(o, i, device=device, dtype=dtype)
@@ -259,12 +280,18 @@ def microbench(device: torch.device, small: bool) -> list[dict]:
                     row[f"{backend}_ms"] = None
                     row[f"{backend}_error"] = f"{type(exc).__name__}: {exc}"[:200]
             rows.append(row)
-            print(json.dumps(row), flush=True)
     return rows
 
 
+def _write_verdicts(out: Path) -> list[str]:
+    lines = dispatch.dispatch_report()
+    (out / "dispatch.txt").write_text("\n".join(lines) + "\n")
+    return lines
+
+
 def dispatch_verdicts(device: torch.device, small: bool, out: Path) -> list[str]:
-    """What `auto` measures for each projection shape and op at M = 4096 (cache written under the results)."""
+    """What `auto` measures for each projection shape and op at M = 4096 (cache written under the results; the
+    verdicts so far rewritten to dispatch.txt after each op)."""
     os.environ[autotune.CACHE_ENV] = str(out / "dispatch.json")
     autotune.clear()
     if device.type != "cuda":
@@ -275,20 +302,24 @@ def dispatch_verdicts(device: torch.device, small: bool, out: Path) -> list[str]
         for dora in (False, True):
             proj = _proj(o, i, device=device, dtype=dtype, dora=dora)
             lora_projection(torch.randn(m, i, device=device, dtype=dtype, requires_grad=True), proj)
+            _write_verdicts(out)
     x = torch.randn(m, h, device=device, dtype=dtype, requires_grad=True)
     mlp = {k: _proj(o, i, device=device, dtype=dtype, seed=j) for j, (k, (o, i))
            in enumerate({"gate": (inter, h), "up": (inter, h), "down": (h, inter)}.items())}  # fmt: skip
     lora_mlp(x, **mlp)
+    _write_verdicts(out)
     qkv = [_proj(o, h, device=device, dtype=dtype, seed=9 + j) for j, o in enumerate((cfg["q"], cfg["kv"], cfg["kv"]))]
     lora_qkv(x, q=qkv[0], k=qkv[1], v=qkv[2])
+    _write_verdicts(out)
     from slimtune.ops import rms_norm, rope
 
     rms_norm(x, torch.ones(h, device=device, dtype=dtype, requires_grad=True))
+    _write_verdicts(out)
     q = torch.randn(1, m, cfg["heads"], cfg["head_dim"], device=device, dtype=dtype, requires_grad=True)
     k = torch.randn(1, m, cfg["kv_heads"], cfg["head_dim"], device=device, dtype=dtype, requires_grad=True)
     ang = torch.randn(1, m, cfg["head_dim"], device=device)
     rope(q, k, cos=ang.cos().to(dtype), sin=ang.sin().to(dtype))
-    return dispatch.dispatch_report()
+    return _write_verdicts(out)
 
 
 def _table(rows: list[dict]) -> str:
@@ -316,10 +347,10 @@ def main(argv: list[str] | None = None) -> int:
                    for w in ("correctness", "microbench", "dispatch"))  # fmt: skip
     if a.what == "dispatch":
         lines = dispatch_verdicts(device, a.small, a.out)
-        (a.out / "dispatch.txt").write_text("\n".join(lines) + "\n")
         print("\n".join(lines))
         return 0
-    rows = correctness(device, a.small) if a.what == "correctness" else microbench(device, a.small)
+    rows = Rows(a.out / f"{a.what}.jsonl")
+    (correctness if a.what == "correctness" else microbench)(device, a.small, rows)
     (a.out / f"{a.what}.json").write_text(json.dumps(rows, indent=1))
     (a.out / f"{a.what}.md").write_text(_table(rows) + "\n")
     print(_table(rows))
