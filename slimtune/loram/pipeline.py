@@ -52,6 +52,7 @@ from slimtune.loram.align import align_pruned
 from slimtune.loram.prune import parameter_reduction, prune_checkpoint, prune_model, validate_prune_args
 from slimtune.loram.recover import recover_adapter
 from slimtune.models.load import DTYPES, QuantConfig, _split_source, load_model, load_tokenizer
+from slimtune.models.prequantized import read_bnb_4bit_config
 from slimtune.models.pruned import KeptIndex, save_pruned
 from slimtune.train.distributed import barrier, is_main
 from slimtune.train.merge import make_saveable
@@ -91,22 +92,23 @@ def _free() -> None:
 
 def original_checkpoint(model_cfg) -> Path | None:
     """The original model as a local safetensors folder (a folder, or a hub snapshot fetched with
-    `huggingface_hub.snapshot_download`), or None when it is a GGUF file or a folder without safetensors (those are
-    loaded into memory instead)."""
+    `huggingface_hub.snapshot_download`), or None when it is a GGUF file, a folder without safetensors or a
+    pre-quantized bitsandbytes 4-bit checkpoint (those are loaded into memory instead, the 4-bit weights dequantized)."""
     src, extra = _split_source(model_cfg.name)
     if extra:  # GGUF
         return None
     path = Path(src)
     if path.is_dir():
         has = (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
-        return path if has else None
+        return path if has and read_bnb_4bit_config(src, model_cfg) is None else None
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(src, revision=model_cfg.revision, allow_patterns=_SNAPSHOT_PATTERNS))
+        path = Path(snapshot_download(src, revision=model_cfg.revision, allow_patterns=_SNAPSHOT_PATTERNS))
     except Exception as err:  # noqa: BLE001 - hub errors come in many types; the user needs one line
         raise ModelError(f"model.name: cannot fetch {model_cfg.name} from the hub "
                          f"({type(err).__name__}: {err})") from err
+    return path if read_bnb_4bit_config(str(path), model_cfg) is None else None
 
 
 # --------------------------------------------------------------------------------------------------- 1. prune

@@ -209,3 +209,24 @@ def test_estimate_sizes_the_stored_4bit_weights(tmp_path, prequantized):
         tensors = [layer.weight.data, qs.absmax, qs.code, qs.offset, qs.state2.absmax, qs.state2.code]
         real += sum(t.numel() * t.element_size() for t in tensors)
     assert est["components_bytes"]["weights_linear"] == real
+
+
+def test_loram_prunes_the_dequantized_weights(tmp_path, prequantized):
+    """LoRAM's prune reads a pre-quantized base in memory, its 4-bit weights dequantized (the checkpoint streamer
+    would prune the packed bytes as if they were weights)."""
+    from types import SimpleNamespace
+
+    from slimtune.loram.pipeline import prune_to_folder
+    from slimtune.models.pruned import KeptIndex
+
+    lc = SimpleNamespace(ratio=0.5, method="random", keep_first=0, keep_last=0, seed=0)
+    summary = prune_to_folder(ModelConfig(name=str(prequantized)), lc, tmp_path / "pruned")
+    assert summary["how"] == "in memory"
+    kept = KeptIndex.load(tmp_path / "pruned")
+    pruned = load_file(str(tmp_path / "pruned" / "model.safetensors"))
+    saved = _saved(prequantized)
+    assert kept.layers
+    for i, lk in kept.layers.items():
+        name = f"model.layers.{i}.mlp.up_proj.weight"
+        _, w = _saved_weight(saved, name)
+        torch.testing.assert_close(pruned[name].float(), w[lk.neurons], rtol=0, atol=0)
