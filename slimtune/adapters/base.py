@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import math
 import pkgutil
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal, Union
 
@@ -230,6 +231,11 @@ class Adapter(nn.Module):
         """Extra loss terms of this kind over all its modules (KaSA's), added once per optimizer step; None: none."""
         return None
 
+    @classmethod
+    def init_from_data(cls, adapters: list[Adapter], model: nn.Module, batches: Iterable[dict],
+                       loss_fn: Callable[[nn.Module, dict], torch.Tensor], lr: float) -> None:
+        """Initialise from the training data before the first step (LoRA-SB: from the gradient). Default: nothing."""
+
     def select_rank(self, rank: int) -> None:
         """Run (eval, merge, export) at a lower rank: kinds with nested ranks (DyLoRA) override it."""
         raise ValueError(f"--rank {rank}: adapter kind {self.kind} has no nested ranks (dylora has)")
@@ -346,6 +352,14 @@ def regularization(adapters: dict[str, Adapter]) -> torch.Tensor | None:
     """The extra loss of the adapters' kind (``Adapter.regularization``), or None when the kind has none."""
     items = list(adapters.values())
     return type(items[0]).regularization(items) if items else None
+
+
+def init_from_data(adapters: dict[str, Adapter], model: nn.Module, batches: Iterable[dict],
+                   loss_fn: Callable[[nn.Module, dict], torch.Tensor], lr: float) -> None:
+    """The kind's data-dependent initialisation (``Adapter.init_from_data``): the trainer calls it once in setup."""
+    items = list(adapters.values())
+    if items:
+        type(items[0]).init_from_data(items, model, batches, loss_fn, lr)
 
 
 def kaiming_uniform_(t: torch.Tensor) -> torch.Tensor:

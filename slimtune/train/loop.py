@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from slimtune.adapters.export import export_peft, load_native, save_native, stack_on
 from slimtune.adapters.inject import adapters_of, inject
-from slimtune.adapters.base import cast_trainable, regularization
+from slimtune.adapters.base import cast_trainable, init_from_data, regularization
 from slimtune.adapters.full import select_trainable
 from slimtune.config.recipe import Recipe
 from slimtune.data.dataset import TrainData, build_dataset
@@ -217,6 +217,8 @@ class Trainer:
                           log=self.reporter.log)  # train.preference.precompute_reference
         if len(self.data) == 0:
             raise SlimtuneError("data: no training examples after tokenization (check the sources and format)")
+        init_from_data(self.adapters, self.model, self.data.batches(self._global_micro_batch, epoch=0), lambda m, b:
+                       self.objective.loss_sum(m, {k: v.to(self.device) for k, v in b.items()}), r.train.lr)  # LoRA-SB
         self.batches_per_epoch = self.data.num_batches(self._global_micro_batch)  # global micro-batches
         self.total_steps = r.train.steps or max(
             1, math.ceil(r.train.epochs * self.batches_per_epoch / r.train.grad_accum)
