@@ -155,6 +155,9 @@ def bench(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Report folder (default bench/results/"
                                                 "<device>-<model>-<date>).", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the final table.")] = False,
+    objective: Annotated[str, typer.Option("--objective", help="sft, or dpo: one DPO step of slimtune against TRL's "
+                                           "DPOTrainer loss on HF + PEFT + bitsandbytes (--seq-len per sequence, "
+                                           "half prompt; --batch pairs); writes <out>/dpo.json")] = "sft",
 ) -> None:
     """Train N steps with slimtune and with HF + PEFT + bitsandbytes on the same random model and data; write a
     report (JSON, Markdown, PNG) of memory per phase, tokens/s, saved activations and the estimate's gap."""
@@ -179,6 +182,9 @@ def bench(
         max_context_limit=max_context_limit, seq_lens=ints(seq_lens), seed=seed,
         tools=tuple(t.strip() for t in tools.split(",") if t.strip()),
     )
+    if objective != "sft":
+        return _bench_preference(objective, model_config, layers, seq_len, batch, rank, steps, seed, checkpointing,
+                                 None if device == "auto" else device, out)
     log = (lambda _m: None) if quiet else (lambda m: console.print(f"[dim]·[/] {m}", highlight=False))
     result = run_bench(cfg, log=log)
     if out is None:
@@ -188,6 +194,33 @@ def bench(
     paths = write_report(result, out)
     _print_bench(result)
     console.print(f"report: {', '.join(str(p) for p in paths.values())}", highlight=False)
+
+
+def _bench_preference(objective, model_config, layers, seq_len, pairs, rank, steps, seed, checkpointing, device,
+                      out) -> None:
+    """`bench --objective dpo`: slimtune vs TRL DPOTrainer (slimtune.bench.preference); a table and dpo.json."""
+    from slimtune.bench.preference import preference_bench
+
+    if objective != "dpo":
+        raise SlimtuneError(f"--objective {objective}: the preference bench compares dpo (TRL's DPOTrainer)")
+    r = preference_bench(model_config, layers=layers,
+                         prompt=seq_len // 2, completion=seq_len - seq_len // 2, pairs=pairs, rank=rank, steps=steps,
+                         seed=seed, checkpointing=checkpointing, device=device)
+    table = Table(title=f"DPO step, {r['model_config']} ({r['layers']} layers), {pairs} pair(s) of {seq_len} "
+                        f"tokens, {r['device']} {r['dtype']}, checkpointing {checkpointing}; TRL {r['trl']}")
+    for c in ("tool", "saved for backward / pair (MiB)", "bytes / token", "tokens/s", "peak fwd / bwd (MiB)"):
+        table.add_column(c, justify="right" if c != "tool" else "left")
+    for tool in ("slimtune", "trl"):
+        m = r[tool]
+        pk = m["peak_bytes"]
+        table.add_row(tool, f"{m['saved_bytes_per_pair'] / 2**20:.2f}", f"{m['saved_bytes_per_token']:,.0f}",
+                      f"{m['tokens_per_second']:.1f}", "-" if not pk else
+                      f"{pk['forward'] / 2**20:.0f} / {pk['backward'] / 2**20:.0f}")
+    console.print(table)
+    console.print(f"slimtune / TRL saved bytes per pair: {r['saved_ratio']:.3f}", highlight=False)
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "dpo.json").write_text(json.dumps(r, indent=2))
 
 
 def _print_bench(result: dict) -> None:
