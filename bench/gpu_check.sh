@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU check of slimtune, ready to run in one call on one H100/H200 (<= 8 minutes, no network), everything under
 # one results folder. The most valuable results come first (correctness, the dispatch verdicts, the 8B bench);
-# every step runs under its time cap, and each result is written as it is made (a step cut off keeps its rows):
+# every step runs under its time cap, and each result is written as it is made (a step cut off keeps its rows;
+# the bench steps log every training step, sweep length and max-context trial, unbuffered, into <step>.log):
 #   1 env          GPU, driver, python/torch/triton/transformers/peft/bitsandbytes versions
 #   2 setup        slimtune (+ slimtune.kernels) and the carried wheels for this Python into a private site dir
 #   3 correctness  bf16 vs float64 at Llama-3.1-8B shapes: every kernel (forward + every gradient) per backend,
@@ -41,7 +42,7 @@ while [ $# -gt 0 ]; do
     --dry-run) DRY=1 ;;
     --out) OUT="$2"; shift ;;
     --pack) PACK="$2"; shift ;;
-    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -52,13 +53,13 @@ cd "$ROOT"
 
 # step name, time cap (s), command (run in the results folder R, so that `slimtune` is the one setup installed
 # with slimtune.kernels, not the checkout's own folder; ROOT = the checkout). In order of value.
-BENCH="\$PY -m slimtune.cli bench --model-config Llama-3.1-8B --device cuda --quiet"
+BENCH="\$PY -m slimtune.cli bench --model-config Llama-3.1-8B --device cuda"  # not --quiet: its log is the partial result
 STEPS=(
   "env|15|nvidia-smi; \$PY -c 'import torch, sys; print(sys.version); print(\"torch\", torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))'; \$PY -m pip list 2>/dev/null | grep -iE '^(torch|triton|transformers|peft|bitsandbytes|accelerate|pydantic) '"
   "setup|15|setup_site"
   "correctness|90|SLIMTUNE_DISPATCH_CACHE=off \$PY \$ROOT/bench/gpu/check_kernels.py correctness --out \$R"
-  "dispatch|45|\$PY \$ROOT/bench/gpu/check_kernels.py dispatch --out \$R"
-  "bench|120|SLIMTUNE_DISPATCH_CACHE=\$R/dispatch.json $BENCH --seq-len 2048 --batch 2 --rank 16 --steps 4 --warmup 1 --out \$R/bench-llama-3.1-8b"
+  "dispatch|35|\$PY \$ROOT/bench/gpu/check_kernels.py dispatch --out \$R"
+  "bench|130|SLIMTUNE_DISPATCH_CACHE=\$R/dispatch.json $BENCH --seq-len 2048 --batch 2 --rank 16 --steps 4 --warmup 1 --out \$R/bench-llama-3.1-8b"
   "microbench|50|\$PY \$ROOT/bench/gpu/check_kernels.py microbench --out \$R"
   "maxctx|145|SLIMTUNE_DISPATCH_CACHE=\$R/dispatch.json $BENCH --max-context --mem-cap-gib 24 --seq-len 4096 --max-context-limit 32768 --seq-lens 4096 --batch 1 --rank 16 --steps 2 --warmup 1 --out \$R/maxctx-24gib"
 )
@@ -175,7 +176,7 @@ for s in "${STEPS[@]}"; do
     timeout --kill-after=5 "$cap" bash -c "$(declare -f setup_site); PY='$PY' ROOT='$ROOT' WHEELS='$WHEELS' SITE='$SITE' setup_site" > "$R/$name.log" 2>&1; rc=$?
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
   else
-    timeout --kill-after=10 "$cap" bash -c "PY='$PY'; R='$R'; ROOT='$ROOT'; $cmd" > "$R/$name.log" 2>&1; rc=$?
+    PYTHONUNBUFFERED=1 timeout --kill-after=10 "$cap" bash -c "PY='$PY'; R='$R'; ROOT='$ROOT'; $cmd" > "$R/$name.log" 2>&1; rc=$?
   fi
   echo "$name rc=$rc $(( $(date +%s) - t0 )) s" | tee -a "$R/summary.txt"
   tail -25 "$R/$name.log"

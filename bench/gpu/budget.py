@@ -26,8 +26,10 @@ for training steps and kernel checks, 1/4 for flash attention, 25 TFLOP/s float6
 bandwidth. Training FLOPs per token: forward 2 N, input gradient 2 N (the base is frozen), recomputation 2 N of the
 decoder (full checkpointing), N the matmul parameters; causal attention 2 T² d per layer forward, x4.5 with the
 backward and the recomputation. The max-context search is simulated with the estimator's longest fitting sequence
-(each trial a full training step, an OOM one too). Not timed here (no driver), so assumed: 2 s of CUDA context
-per process, 0.5 s of launcher build per compiled Triton variant.
+(each trial a full training step, an OOM one too); the bench's dispatch trials before its measured steps
+(``decide_backends`` at ``dispatch_lens``) are one forward + backward a length plus every op's candidates. Not
+timed here (no driver), so assumed: 2 s of CUDA context per process, 0.5 s of launcher build per compiled Triton
+variant.
 
 Fails too when correctness, dispatch and bench are not the first steps after env and setup, or are not estimated
 to be done within the first 3 minutes.
@@ -38,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shlex
 import subprocess
 import sys
@@ -59,6 +60,7 @@ DEVICE = {
 }
 STEP_OVERHEAD_S = 0.3  # per training step: optimizer, Python, synchronisation
 CHECK_OVERHEAD_S = 0.1  # per kernel check: inputs, poisoning, norms
+RUN_OVERHEAD_S = 0.01  # per run of one op in a dispatch trial (launches, synchronisation)
 CACHED_KERNEL_S = 0.05  # a Triton kernel found in the disk cache
 LAUNCHER_S = 0.5  # per compiled variant: Triton's launcher stub and module load (needs the driver: not timed here)
 CUDA_INIT_S = 2.0  # a process's CUDA context, cuBLAS handles
@@ -98,17 +100,16 @@ class Step:
 # --------------------------------------------------------------------------------------------- timing here
 
 
-def _timed(code: str, env: dict) -> tuple[float, str]:
-    """Run ``code`` in a fresh Python; (its CPU seconds, with its children's, its stdout)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+def _timed(code: str, env: dict) -> list[float]:
+    """Run ``code`` (which prints the CPU seconds it measured, see CPU_CLOCK) in a fresh one-thread Python."""
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                        env={**env, "OMP_NUM_THREADS": "1"})  # fmt: skip
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if r.returncode != 0:
         raise RuntimeError(f"timing failed: {r.stderr.strip().splitlines()[-1:]}")
-    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), r.stdout
+    return [float(v) for v in r.stdout.split()]
 
 
+#: CPU seconds of this process and its finished children (ptxas, cuobjdump)
 CPU_CLOCK = """
 import resource, time
 def cpu():
@@ -161,17 +162,15 @@ print(*out)
 
 def time_here(setup_s: float) -> Here:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    _, out = _timed(IMPORTS, env)
-    torch_s, setup_s_, imports_s = (float(v) for v in out.split())
-    _, out = _timed(SKELETON, env)
-    skeleton_s, layers, fill = (float(v) for v in out.split())
+    torch_s, setup_import_s, imports_s = _timed(IMPORTS, env)
+    skeleton_s, layers, fill = _timed(SKELETON, env)
     with tempfile.TemporaryDirectory(prefix="gpu-budget-triton-") as cache:
-        _, out = _timed(COMPILE, {**env, "TRITON_CACHE_DIR": cache})
-    heavy_s, light_s = (float(v) for v in out.split())
+        heavy_s, light_s = _timed(COMPILE, {**env, "TRITON_CACHE_DIR": cache})
     matrix = sorted(HERE.glob("compile_matrix_triton-*.json"))
     rows = [r for r in json.loads(matrix[-1].read_text()) if r["arch"] == "sm_90"] if matrix else []
     heavy = sum(r["kernel"].startswith("qlora_gemm") for r in rows)
-    return Here(imports_s, torch_s, setup_s_, skeleton_s, int(layers), heavy_s, light_s, fill, setup_s, heavy, len(rows) - heavy)
+    return Here(imports_s, torch_s, setup_import_s, skeleton_s, int(layers), heavy_s, light_s, fill, setup_s, heavy,
+                len(rows) - heavy)
 
 
 # --------------------------------------------------------------------------------------------- the work model
@@ -244,16 +243,21 @@ def correctness_terms(here: Here) -> dict[str, float]:
     }
 
 
-def dispatch_terms(here: Here) -> dict[str, float]:
+def candidates_s(m: int = 4096) -> float:
+    """Measured dispatch deciding every op of Llama-3.1-8B at ``m`` rows: 3 candidates x (the correctness run, a
+    warm-up, 3 timed runs) of forward + backward, LoRA and DoRA projections, the MLP and q/k/v."""
     from check_kernels import LLAMA
 
     h, inter, q, kv = LLAMA["hidden"], LLAMA["inter"], LLAMA["q"], LLAMA["kv"]
-    m, runs = 4096, 3 * 4  # candidates x (warm-up + timed runs)
+    runs = 3 * 5
     shapes = [(q, h), (kv, h), (inter, h), (h, inter)] * 2 + [(3 * inter, h), (q + 2 * kv, h)]
+    return sum(runs * (6 * m * o * i / DEVICE["mm_flops"] + RUN_OVERHEAD_S) for o, i in shapes)
+
+
+def dispatch_terms(here: Here) -> dict[str, float]:
     return {"imports + CUDA": here.imports_s + CUDA_INIT_S,
             "cached kernels": (here.heavy_variants + here.light_variants) * CACHED_KERNEL_S,
-            "measured candidates": sum(runs * (_check_s(m, o, i) - 6 * m * o * i / DEVICE["fp64_flops"])
-                                       for o, i in shapes)}  # fmt: skip
+            "measured candidates": candidates_s()}
 
 
 def microbench_terms(here: Here) -> dict[str, float]:
@@ -285,6 +289,7 @@ def bench_terms(here: Here, command: str) -> dict[str, float]:
     """`slimtune bench` of Llama-3.1-8B: warm-up, the base once, then per tool its steps, the forwards that count
     saved bytes, the sweep and (with --max-context) the search."""
     from slimtune.bench.bench_config import BenchConfig
+    from slimtune.bench.memory import dispatch_lens
     from slimtune.bench.runner import _sweep_lens, search_max_context, tool_estimate
 
     a = _bench_args(command)
@@ -297,8 +302,10 @@ def bench_terms(here: Here, command: str) -> dict[str, float]:
     import torch
 
     warm = 2 * 2 * STEP_OVERHEAD_S + (here.heavy_variants + here.light_variants) * CACHED_KERNEL_S
+    lens = dispatch_lens([cfg.seq_len, *_sweep_lens(cfg)], batch=cfg.batch, grow=cfg.max_context)
     terms = {"imports + CUDA": here.imports_s + CUDA_INIT_S, "warm-up + cached kernels": warm,
-             "random base (once)": base_build_s(here)}
+             "random base (once)": base_build_s(here),
+             "dispatch trials": sum(train_step_s(cfg.batch, s) for s in lens) + candidates_s()}
     for tool in ("slimtune", "baseline"):
         terms[f"{tool} steps"] = (cfg.steps * train_step_s(cfg.batch, cfg.seq_len)
                                   + 3 * forward_s(cfg.batch, cfg.seq_len)

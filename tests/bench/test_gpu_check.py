@@ -40,7 +40,7 @@ def test_dry_run_lists_steps_checks_inputs_and_runs_the_code(dry_run):
     assert r.returncode == 0 and "dry run: OK" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
     listed = [line.split()[0] for line in r.stdout.split("== steps")[1].split("== inputs")[0].splitlines()[1:]]
     assert tuple(listed) == ORDER  # the most valuable first
-    assert "--model-config Llama-3.1-8B --device cuda --quiet --seq-len 2048 --batch 2 --rank 16" in r.stdout
+    assert "--model-config Llama-3.1-8B --device cuda --seq-len 2048 --batch 2 --rank 16" in r.stdout
     assert "--max-context --mem-cap-gib 24" in r.stdout
     rows = json.loads((res / "correctness.json").read_text())
     assert len(rows) >= 25 and all(row["ok"] for row in rows)
