@@ -137,7 +137,7 @@ class DataConfig(BaseModel):
     sources: list[SourceConfig] = Field(min_length=1)
     """Main sources, mixed by token share according to their weights."""
 
-    format: Literal["text", "chat", "instruction", "preference", "kto"] = "text"
+    format: Literal["text", "chat", "instruction", "preference", "kto", "prompt"] = "text"
     """`text`: continued pretraining (EOS after each document, loss on every token). `chat`: records with a list of
     messages (OpenAI {role, content} or ShareGPT {from, value}; alias `sharegpt`). `instruction`: alpaca
     instruction/input/output or prompt/completion records, turned into a user and an assistant message (alias
@@ -145,7 +145,9 @@ class DataConfig(BaseModel):
     (content and end-of-turn token) carry loss. `preference`: prompt/chosen/rejected pairs for train.objective
     dpo|ipo|orpo|simpo (text fields, UltraFeedback-style message lists, Anthropic-HH transcripts); `kto`: unpaired
     prompt/completion/label records (slimtune.data.preference); both rendered with the chat template, the final
-    assistant reply carrying the log-probs; truncation keeps the prompt and cuts the completion."""
+    assistant reply carrying the log-probs; truncation keeps the prompt and cuts the completion. `prompt`: records
+    with a prompt (`prompt_field`, text or messages) and any other fields (reference answers) for train.objective
+    grpo, whose completions are sampled during training (slimtune.data.prompts)."""
 
     chat_template: str | None = None
     """Chat template for chat/instruction: a built-in name (chatml, llama3, alpaca, mistral, gemma, phi3) or a

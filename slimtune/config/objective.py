@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Objective = Literal["sft", "dpo", "ipo", "orpo", "simpo", "kto"]
+Objective = Literal["sft", "dpo", "ipo", "orpo", "simpo", "kto", "grpo"]
 PAIRED = ("dpo", "ipo", "orpo", "simpo")
 REFERENCE_FREE = ("sft", "orpo", "simpo")
 OBJECTIVE_ALIASES = {"cdpo": "dpo", "sigmoid": "dpo"}

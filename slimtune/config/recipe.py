@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from slimtune.adapters.base import adapter_config_union, modes, registry
 from slimtune.config.data import DataConfig
 from slimtune.config.eval import EvalConfig
+from slimtune.config.grpo import GRPOConfig
 from slimtune.config.objective import OBJECTIVE_ALIASES, Objective, PreferenceConfig
 from slimtune.errors import RecipeError
 from slimtune.models.load import ModelConfig, QuantConfig
@@ -96,6 +97,9 @@ class TrainConfig(BaseModel):
     preference: PreferenceConfig = PreferenceConfig()
     """The preference objectives' knobs: beta, label_smoothing, gamma, length_normalize, desirable/undesirable
     weights, precompute_reference."""
+    grpo: GRPOConfig = GRPOConfig()
+    """`objective: grpo` on `data.format: prompt`: rewards, num_generations, sampling, beta, epsilon, loss_type,
+    scale_rewards, num_iterations (slimtune.config.grpo)."""
 
     @model_validator(mode="before")
     @classmethod

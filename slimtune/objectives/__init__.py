@@ -10,6 +10,7 @@ from collections.abc import Callable
 from slimtune.config.objective import PAIRED
 from slimtune.errors import RecipeError
 from slimtune.objectives.base import Objective
+from slimtune.objectives.grpo import GRPO
 from slimtune.objectives.kto import KTO
 from slimtune.objectives.preference import Paired
 from slimtune.objectives.reference import prepare_reference
@@ -17,7 +18,8 @@ from slimtune.objectives.sft import SFT, causal_lm_loss_sum
 
 __all__ = ["Objective", "build_objective", "causal_lm_loss_sum", "check_format", "prepare_reference"]
 
-DATA_FORMAT = {"sft": ("text", "chat", "instruction"), "kto": ("kto",), **{k: ("preference",) for k in PAIRED}}
+DATA_FORMAT = {"sft": ("text", "chat", "instruction"), "kto": ("kto",), "grpo": ("prompt",),
+               **{k: ("preference",) for k in PAIRED}}
 """The `data.format`s each objective trains on."""
 
 
@@ -32,6 +34,8 @@ def build_objective(train, loss_fn: Callable | None = None) -> Objective:
     """The objective of a recipe's `train` section (``loss_fn``: SFT's summed token loss, when not the default)."""
     if train.objective == "sft":
         return SFT(loss_fn) if loss_fn is not None else SFT()
+    if train.objective == "grpo":
+        return GRPO(train.grpo, seed=train.seed)
     if train.objective == "kto":
         return KTO(train.preference)
     return Paired(train.objective, train.preference)

@@ -27,6 +27,21 @@ class Objective:
         self._sums: dict[str, float] = defaultdict(float)
         self._units = 0
 
+    def setup(self, trainer) -> None:
+        """Called once by the Trainer after its model, tokenizer and data exist (GRPO: the sampling setup)."""
+
+    def prepare(self, trainer, micro: list) -> list:
+        """The step's micro-batches as the loss sees them; called at the start of each step (GRPO samples and
+        scores completions here). Default: unchanged."""
+        return micro
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of the objective (GRPO: rollouts reused over num_iterations steps)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     def count(self, batch: dict[str, torch.Tensor]) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
 

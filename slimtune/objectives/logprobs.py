@@ -35,8 +35,9 @@ class SeqLogps(NamedTuple):
 
 
 def completion_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
-                     attention_mask: torch.Tensor | None = None) -> SeqLogps:
-    """Per-row sums and counts of the completion tokens' log-probs; differentiable w.r.t. the trained weights."""
+                     attention_mask: torch.Tensor | None = None, *, temperature: float = 1.0) -> SeqLogps:
+    """Per-row sums and counts of the completion tokens' log-probs; differentiable w.r.t. the trained weights.
+    ``temperature``: of log softmax(logits / temperature) (GRPO scores the distribution it samples from)."""
     config = getattr(model, "config", None)
     spec = spec_for(config)
     head = getattr(model, "lm_head", None)
@@ -47,7 +48,12 @@ def completion_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Te
     hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (N, T, H)
     targets = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].to(hidden.device)  # (N, T)
     cap = spec.final_softcap(config) if spec is not None else None
-    lp = linear_token_logprobs(hidden, _head_weight(head), targets, bias=head.bias, ignore_index=IGNORE_INDEX,
+    bias = head.bias
+    if temperature != 1.0:  # (h Wᵀ + b) / τ = (h/τ) Wᵀ + b/τ
+        if cap is not None:
+            raise ValueError("completion_logps: a temperature with a final logit softcap is not supported")
+        hidden, bias = hidden / temperature, None if bias is None else bias / temperature
+    lp = linear_token_logprobs(hidden, _head_weight(head), targets, bias=bias, ignore_index=IGNORE_INDEX,
                                softcap=None if cap is None else float(cap))  # (N, T)
     return SeqLogps(lp.sum(dim=-1), (targets != IGNORE_INDEX).sum(dim=-1), lp)
 

@@ -32,6 +32,7 @@ from slimtune.adapters.full import select_trainable
 from slimtune.config.recipe import Recipe
 from slimtune.data.dataset import TrainData, build_dataset
 from slimtune.data.preference import build_preference_dataset
+from slimtune.data.prompts import build_prompt_dataset
 from slimtune.errors import RecipeError, SlimtuneError
 from slimtune.export.run import export_adapter_gguf
 from slimtune.models.fused import fuse_model
@@ -210,9 +211,11 @@ class Trainer:
                 raise RecipeError(f"train.grad_checkpointing: {r.train.grad_checkpointing}: {e}") from None
         if self.data is None:
             check_format(r.train.objective, r.data.format)
-            build = build_preference_dataset if r.data.format in ("preference", "kto") else build_dataset
+            build = {"preference": build_preference_dataset, "kto": build_preference_dataset,
+                     "prompt": build_prompt_dataset}.get(r.data.format, build_dataset)
             self.data = build(r.data, self.tokenizer, base_dir=self.base_dir, seed=r.train.seed)
         self.objective = build_objective(r.train, self.loss_fn)  # what a step optimises (slimtune.objectives)
+        self.objective.setup(self)  # GRPO: tokenizer, end tokens, the prompts repeated over num_iterations
         prepare_reference(self.objective, r, self.model, self.data, self.run_dir, full_ft=self.trainable == "model",
                           log=self.reporter.log)  # train.preference.precompute_reference
         if len(self.data) == 0:
@@ -307,6 +310,7 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(rank_rng(state, self.dist, where=str(ckpt)))  # this rank's RNG
+        self.objective.load_state_dict(state.get("objective") or {})  # GRPO: rollouts reused by the next steps
         self.pos = Position(**state["position"])
         weights_changed()  # the loaded adapter (FSDP: written into the shards, unseen by version counters)
         self._truncate_metrics(self.pos.step)
@@ -342,6 +346,8 @@ class Trainer:
         """One optimizer step over the micro-batches ``micro`` (``train`` gives it ``grad_accum`` of the data's;
         the benchmark also calls it on batches of its own). Non-finite loss or gradient: ``train.on_nonfinite``."""
         t0 = time.perf_counter()
+        with self._phase("generate"):  # GRPO: sample and score completions (the cache freed before backward)
+            micro = self.objective.prepare(self, micro)
         n_target = sum(self.objective.count(b) for b in micro)  # tokens (SFT), pairs or examples
         n_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
         if self.dist is not None:  # the global step's counts: every rank normalises by the same target tokens
@@ -529,6 +535,7 @@ class Trainer:
                     "optimizer": optimizer,
                     "scheduler": self.scheduler.state_dict(),
                     "rng": rng_state(),
+                    "objective": self.objective.state_dict(),
                     **ranks,
                     "stage": self.stage,
                 },
