@@ -230,6 +230,30 @@ class GRPO(Objective):
         self._token_metrics(terms, batch["advantages"], mask)
         return aggregate(terms.loss, mask, self.cfg.loss_type, self.cfg.max_new_tokens)
 
+    # ---------------------------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, records: list[dict[str, Any]], *, device: torch.device,
+                 batch_size: int = 16) -> dict[str, Any]:
+        """Held-out prompts (at most ``eval_max_prompts``), one greedy completion each: {"loss": −mean reward (so
+        the lowest is the best), "examples", "rewards/mean", "rewards/pass@1" (the share whose reward reaches
+        ``pass_reward``), "rewards/<fn>/mean", "completions/mean_length"}."""
+        records = records[:self.cfg.eval_max_prompts]
+        per_fn, lengths = [], []
+        for s in range(0, len(records), batch_size):
+            exs = records[s:s + batch_size]
+            p_ids, p_mask = left_pad([e["prompt_ids"][-self.cfg.max_prompt_len:] for e in exs], self.pad_id)
+            ro = sample(model, p_ids.to(device), p_mask.to(device), max_new_tokens=self.cfg.max_new_tokens,
+                        eos_ids=self.eos_ids, pad_id=self.pad_id, temperature=0)
+            comp = [ro.ids[k, :int(ro.mask[k].sum())].tolist() for k in range(len(exs))]
+            per_fn.append(self.rewards(exs, self.tokenizer.batch_decode(comp, skip_special_tokens=True), comp))
+            lengths += [len(c) for c in comp]
+        r = torch.cat(per_fn)  # (n, F)
+        total = r @ self.rewards.weights
+        return {"loss": -float(total.mean()), "examples": len(records), "rewards/mean": float(total.mean()),
+                "rewards/pass@1": float((total >= self.cfg.pass_reward).double().mean()),
+                **{f"rewards/{n}/mean": float(r[:, j].mean()) for j, n in enumerate(self.rewards.names)},
+                "completions/mean_length": sum(lengths) / max(len(lengths), 1)}
+
     # ---------------------------------------------------------------------------------------------- metrics
     def _rollout_metrics(self, rewards, per_fn, std, batches) -> None:
         m = {"reward": float(rewards.mean()), "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,

@@ -68,8 +68,10 @@ class EvaluateDuringTraining(TrainerCallback):
             row = {"step": result.step, "val_loss": v["loss"], "val_ppl": v["ppl"], "val_tokens": v["tokens"],
                    "train_loss": result.loss}
         else:  # preference: the objective's loss, preference accuracy and reward margin on the held-out pairs
-            v = evaluate_objective(build_objective(trainer.recipe.train), trainer.model, self.records,
-                                   pad_id=trainer.data.pad_id, batch_size=mb, device=trainer.device)
+            v = (trainer.objective.evaluate(trainer.model, self.records, device=trainer.device)  # GRPO: rewards
+                 if trainer.recipe.train.objective == "grpo" else
+                 evaluate_objective(build_objective(trainer.recipe.train), trainer.model, self.records,
+                                    pad_id=trainer.data.pad_id, batch_size=mb, device=trainer.device))
             row = {"step": result.step, "val_loss": v["loss"], "val_examples": v["examples"],
                    **{f"val_{k.replace('/', '_')}": x for k, x in v.items() if "/" in k or k == "kl"},
                    "train_loss": result.loss}
@@ -87,6 +89,8 @@ class EvaluateDuringTraining(TrainerCallback):
         with open(trainer.run_dir / VAL_FILE, "a") as f:
             f.write(json.dumps(row) + "\n")
         what = (f"ppl {v['ppl']:.2f} ({v['tokens']} tokens)" if self.sft else
+                f"mean reward {v['rewards/mean']:.4f}, pass@1 {v['rewards/pass@1']:.3f} ({v['examples']} prompts)"
+                if "rewards/pass@1" in v else
                 f"preference accuracy {v.get('rewards/accuracies', float('nan')):.3f}, reward margin "
                 f"{v.get('rewards/margins', float('nan')):.4f} ({v['examples']} examples)")
         trainer.reporter.log(f"step {result_step}: val loss {v['loss']:.4f}, {what}"
