@@ -13,12 +13,14 @@ and B's gradient is non-zero there because A = A₀ ≠ 0.
 
 Bases are regenerated, never stored. A module's U_i, V_j and A₀ are a pure function of (module seed, element index):
 a counter-based integer hash (``uniform_stream``) that gives the same values on every device and torch version, with
-no generator state. ``_Mix`` (an autograd Function) builds Σ c_i U_i in chunks of bases in the forward and regenerates
-the same chunks in the backward for ∂L/∂c_i = ⟨U_i, ∂L/∂A⟩, so neither the k bases nor their sum's graph are kept.
-Why not cached buffers: the bases of one module are k·r·in + l·out·r values — at the paper's k = l = 1024, r = 8 on a
-4096 × 4096 layer that is 268 MB per module (fp32), ~1000× the LoRA they replace; regenerating costs one hash per
-value per forward and backward, which a GPU does at memory speed. The factors are then ordinary tensors that the
-fused QLoRA ops take like LoRA's (``factors``): NOLA trains on the same fused 4-bit path.
+no generator state. ``_Mix`` (an autograd Function) builds Σ c_i U_i in chunks of bases and regenerates the same
+chunks in the backward for ∂L/∂c_i = ⟨U_i, ∂L/∂A⟩, so neither the k bases nor their sum's graph are kept. The sums
+themselves (r·in and out·r values, LoRA's A and B) are cached until the coefficients change (``_mixed``): one
+generation per optimizer step in the forward, one per micro-batch in the backward. Why not cache the bases in
+buffers: a module's bases are k·r·in + l·out·r values — at k = l = 1024, r = 8 on a 4096 × 4096 layer that is 268 MB
+per module (fp32), ~1000× the LoRA they replace (at the default 128, ~130×); regenerating costs one integer hash per
+value, which a GPU does at memory speed. The factors are then ordinary tensors that the fused QLoRA ops take like
+LoRA's (``factors``): NOLA trains on the same fused 4-bit path.
 
 Export: A and B are materialised, so the PEFT export is a plain rank-r LoRA; the native format stores α, β and the
 per-module seeds (saved in the adapter config), from which the bases are regenerated on load.
@@ -79,16 +81,12 @@ class _Mix(torch.autograd.Function):
     backward instead of being saved: ∂L/∂c_i = scale · ⟨U_i, ∂L/∂out⟩."""
 
     @staticmethod
-    def forward(ctx, coeffs: torch.Tensor, seed: int, stream: int, rows: int, cols: int, scale: float):
-        k, numel = coeffs.shape[0], rows * cols
-        per = max(1, CHUNK_VALUES // max(numel, 1))
-        out = torch.zeros(numel, device=coeffs.device, dtype=torch.float32)  # (rows·cols,)
-        c = coeffs.detach().float()
-        for i in range(0, k, per):
-            n = min(per, k - i)
-            out += c[i : i + n] @ basis_chunk(seed, stream, i, n, numel, coeffs.device)  # (n,) @ (n, numel)
-        ctx.meta = (k, seed, stream, numel, scale, coeffs.dtype)
-        return (out * scale).view(rows, cols).to(coeffs.dtype)
+    def forward(ctx, coeffs: torch.Tensor, seed: int, stream: int, rows: int, cols: int, scale: float,
+                value: torch.Tensor | None):
+        ctx.meta = (coeffs.shape[0], seed, stream, rows * cols, scale, coeffs.dtype)
+        if value is not None:  # the sum for these very coefficients, computed before (``NOLA._mixed``)
+            return value.clone()
+        return mixed_value(coeffs, seed, stream, rows, cols, scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -99,12 +97,26 @@ class _Mix(torch.autograd.Function):
         for i in range(0, k, per):
             n = min(per, k - i)
             out[i : i + n] = basis_chunk(seed, stream, i, n, numel, grad.device) @ g  # (n,)
-        return (out * scale).to(dtype), None, None, None, None, None
+        return (out * scale).to(dtype), None, None, None, None, None, None
 
 
-def mix(coeffs: torch.Tensor, seed: int, stream: int, rows: int, cols: int, scale: float) -> torch.Tensor:
-    """scale · Σ_i coeffs[i] · U_i as a (rows, cols) tensor, differentiable in ``coeffs``."""
-    return _Mix.apply(coeffs, seed, stream, rows, cols, scale)
+def mixed_value(coeffs: torch.Tensor, seed: int, stream: int, rows: int, cols: int, scale: float) -> torch.Tensor:
+    """scale · Σ_i coeffs[i] · U_i (rows, cols) in the coefficients' dtype, no graph; bases generated chunk by chunk."""
+    k, numel = coeffs.shape[0], rows * cols
+    per = max(1, CHUNK_VALUES // max(numel, 1))
+    out = torch.zeros(numel, device=coeffs.device, dtype=torch.float32)  # (rows·cols,)
+    c = coeffs.detach().float()
+    for i in range(0, k, per):
+        n = min(per, k - i)
+        out += c[i : i + n] @ basis_chunk(seed, stream, i, n, numel, coeffs.device)  # (n,) @ (n, numel)
+    return (out * scale).view(rows, cols).to(coeffs.dtype)
+
+
+def mix(coeffs: torch.Tensor, seed: int, stream: int, rows: int, cols: int, scale: float,
+        value: torch.Tensor | None = None) -> torch.Tensor:
+    """scale · Σ_i coeffs[i] · U_i as a (rows, cols) tensor, differentiable in ``coeffs`` (``value``: that sum,
+    already computed for these coefficients)."""
+    return _Mix.apply(coeffs, seed, stream, rows, cols, scale, value)
 
 
 def module_seed(seed: int, name: str) -> int:
@@ -114,8 +126,9 @@ def module_seed(seed: int, name: str) -> int:
 
 class NOLAConfig(AdapterConfig):
     kind: Literal["nola"] = "nola"
-    num_basis_a: int = Field(1024, gt=0, description="k: random bases whose combination (+ A₀) is A.")
-    num_basis_b: int = Field(1024, gt=0, description="l: random bases whose combination is B.")
+    num_basis_a: int = Field(128, gt=0, description="k: random bases whose combination (+ A₀) is A (the public "
+                             "LLaMA code's default).")
+    num_basis_b: int = Field(128, gt=0, description="l: random bases whose combination is B.")
     seed: int = Field(0, ge=0, description="Basis seed; each module's own seed mixes in its name.")
 
 
@@ -130,6 +143,7 @@ class NOLA(Adapter):
         device = base_layer.weight.device
         self.nola_alpha = nn.Parameter(torch.zeros(config.num_basis_a, device=device))  # (k,)
         self.nola_beta = nn.Parameter(torch.zeros(config.num_basis_b, device=device))  # (l,)
+        self._cache: tuple[tuple, torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (key, A₀, ΣαU, ΣβV)
         self.reset_parameters()
 
     @classmethod
@@ -151,10 +165,25 @@ class NOLA(Adapter):
         u = uniform_stream(self.seed, STREAM_A0, 0, r * n_in, self.nola_alpha.device)
         return (u / math.sqrt(n_in)).view(r, n_in)
 
+    def _mixed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A₀, (1/√k) Σ α_i U_i, (1/√l) Σ β_j V_j) as values, recomputed only when α or β changed (their version
+        counters: once per optimizer step, not once per micro-batch or per evaluation forward)."""
+        al, be = self.nola_alpha, self.nola_beta
+        key = (al._version, be._version, al.data_ptr(), be.data_ptr(), al.dtype, al.device)
+        if self._cache is None or self._cache[0] != key:
+            r, k, l = self.config.rank, self.config.num_basis_a, self.config.num_basis_b
+            a0 = self.initial_a().to(al.dtype)  # (r, in)
+            a_mix = mixed_value(al, self.seed, STREAM_A, r, self.in_features, 1.0 / math.sqrt(k))  # (r, in)
+            b_mix = mixed_value(be, self.seed, STREAM_B, self.out_features, r, 1.0 / math.sqrt(l))  # (out, r)
+            self._cache = (key, a0, a_mix, b_mix)
+        return self._cache[1:]
+
+    def after_load(self) -> None:
+        self._cache = None
+
     def factors(self) -> LowRank:
         r, k, l = self.config.rank, self.config.num_basis_a, self.config.num_basis_b
-        a = self.initial_a().to(self.nola_alpha.dtype) + mix(
-            self.nola_alpha, self.seed, STREAM_A, r, self.in_features, 1.0 / math.sqrt(k)
-        )  # (r, in)
-        b = mix(self.nola_beta, self.seed, STREAM_B, self.out_features, r, 1.0 / math.sqrt(l))  # (out, r)
+        a0, a_mix, b_mix = self._mixed()
+        a = a0 + mix(self.nola_alpha, self.seed, STREAM_A, r, self.in_features, 1.0 / math.sqrt(k), a_mix)  # (r, in)
+        b = mix(self.nola_beta, self.seed, STREAM_B, self.out_features, r, 1.0 / math.sqrt(l), b_mix)  # (out, r)
         return LowRank(A=a, B=b, scale=self.scale)

@@ -91,6 +91,7 @@ def test_chunked_generation_equals_one_chunk(monkeypatch):
     loss = (whole.A.sum() + whole.B.pow(2).sum())
     grads = torch.autograd.grad(loss, [a.nola_alpha, a.nola_beta])
     monkeypatch.setattr(nola, "CHUNK_VALUES", 3 * a.in_features * a.config.rank)  # 3 bases per chunk: 9 = 3 chunks
+    a._cache = None  # regenerate the forward's sums too
     part = a.factors()
     torch.testing.assert_close(part.A, whole.A, rtol=0, atol=1e-6)
     grads2 = torch.autograd.grad(part.A.sum() + part.B.pow(2).sum(), [a.nola_alpha, a.nola_beta])
@@ -109,6 +110,13 @@ def test_init_only_coefficients_train_and_bases_are_never_stored(tmp_path):
     assert {n for n, _ in a.state_dict().items() if not n.startswith("base_layer.")} == {"nola_alpha", "nola_beta"}
     assert adapters[Q].seed != adapters["model.layers.0.self_attn.k_proj"].seed  # each module its own bases
     randomize(adapters)
+    stale = a.factors().A.detach().clone()
+    with torch.no_grad():
+        a.nola_alpha.add_(1.0)  # what an optimizer step does: the cached sums must follow
+    moved = a.factors().A.detach()
+    a._cache = None
+    torch.testing.assert_close(moved, a.factors().A.detach(), rtol=0, atol=0)
+    assert not torch.allclose(moved, stale)
     save_native(model, tmp_path)
     from safetensors.torch import load_file
 
@@ -154,8 +162,8 @@ def test_resume_is_exact(tmp_path):
 def test_counts_and_estimate():
     llama2_7b = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                             num_key_value_heads=32, vocab_size=32000)
-    # k + l per module, whatever the rank and shape: 7 modules x 32 layers x 2048 (the paper's k = l = 1024)
-    assert trainable_counts(llama2_7b, "nola", 8) == 32 * 7 * 2048
+    # k + l per module, whatever the rank and shape: 7 modules x 32 layers x 256 (k = l = 128 by default)
+    assert trainable_counts(llama2_7b, "nola", 8) == 32 * 7 * 256
     assert trainable_counts(llama2_7b, "nola", 64, num_basis_a=10, num_basis_b=5, targets=["q_proj"]) == 32 * 15
     est = estimate_json("nola_smollm2_udhr")
     assert est["adapter_params"] == 30 * 7 * (64 + 64)  # SmolLM2-135M: 30 layers x 7 modules x (k + l)
