@@ -130,7 +130,8 @@ class MetricLoggers(TrainerCallback):
     def on_step_end(self, trainer, result) -> None:
         if result.step % trainer.recipe.train.log_every and result.step != trainer.total_steps:
             return
-        m = {"train/loss": result.loss, "train/lr": result.lr, "train/grad_norm": result.grad_norm}
+        m = {"train/loss": result.loss, "train/lr": result.lr, "train/grad_norm": result.grad_norm,
+             **{f"train/{k}": v for k, v in getattr(result, "metrics", {}).items()}}  # preference: rewards, margins
         if result.seconds > 0:
             m["train/tokens_per_second"] = result.tokens / result.seconds
         self.log({k: float(v) for k, v in m.items() if v == v}, result.step)  # NaN (a skipped step) is left out

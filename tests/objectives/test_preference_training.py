@@ -121,3 +121,24 @@ def test_objective_and_format_must_match(tmp_path):
 
     with pytest.raises(RecipeError, match="train.objective: dpo trains on data.format preference, not kto"):
         trainer(tmp_path, make_recipe(tmp_path, fmt="kto"))
+
+
+def test_loggers_receive_the_preference_metrics(tmp_path):
+    from slimtune.train.loggers import MetricLoggers
+
+    seen = []
+
+    class Recording:
+        def log(self, metrics, step):
+            seen.append((step, metrics))
+
+        def close(self):
+            pass
+
+    loggers = MetricLoggers([])
+    loggers.backends = [Recording()]
+    t = Trainer(make_recipe(tmp_path, steps=2), run_dir=tmp_path / "run", loaded=make_loaded(), callbacks=[loggers])
+    t.setup()
+    t.train()
+    assert [s for s, _ in seen] == [1, 2]
+    assert {"train/rewards/margins", "train/rewards/accuracies", "train/logps/chosen"} <= set(seen[-1][1])
