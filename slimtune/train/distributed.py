@@ -217,7 +217,7 @@ class DistContext:
 
     def _setup_ddp(self, trainer: Trainer) -> None:
         params = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
-        module = _LossModule(trainer.model, trainer.loss_fn)
+        module = _LossModule(trainer.model, trainer.step_loss)  # the objective's loss: SFT's, DPO's, ...
         trainable = {f"model.{n}" for n, _ in params}
         ignored = [n for n, _ in module.named_parameters() if n not in trainable]
         ignored += [n for n, _ in module.named_buffers()]
@@ -231,8 +231,8 @@ class DistContext:
             find_unused_parameters=dynamic, gradient_as_bucket_view=True,
         )
         self.ddp.register_comm_hook(None, _sum_hook)
-        self._loss_fn = trainer.loss_fn
-        trainer.loss_fn = self._ddp_loss
+        self._loss_fn = trainer.step_loss
+        trainer.step_loss = self._ddp_loss
 
     def _ddp_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if not torch.is_grad_enabled():  # evaluation on one rank: no reducer, no collective

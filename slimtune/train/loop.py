@@ -215,6 +215,7 @@ class Trainer:
                      "prompt": build_prompt_dataset}.get(r.data.format, build_dataset)
             self.data = build(r.data, self.tokenizer, base_dir=self.base_dir, seed=r.train.seed)
         self.objective = build_objective(r.train, self.loss_fn)  # what a step optimises (slimtune.objectives)
+        self.step_loss = self.objective.loss_sum  # what the step differentiates (DDP wraps it in its reducer)
         self.objective.setup(self)  # GRPO: tokenizer, end tokens, the prompts repeated over num_iterations
         prepare_reference(self.objective, r, self.model, self.data, self.run_dir, full_ft=self.trainable == "model",
                           log=self.reporter.log)  # train.preference.precompute_reference
@@ -360,7 +361,7 @@ class Trainer:
             sync = self.dist.grad_sync(last=i == len(micro) - 1) if self.dist is not None else contextlib.nullcontext()
             with sync:  # torchrun: no_sync on accumulation micro-steps, one gradient all-reduce per step
                 with self._phase("forward"):
-                    loss_sum = self.objective.loss_sum(self.model, b)
+                    loss_sum = self.step_loss(self.model, b)
                     for cb in self.callbacks:
                         new = cb.on_micro_batch_loss(self, i, loss_sum)
                         loss_sum = loss_sum if new is None else new

@@ -9,7 +9,7 @@ data:
     launch 2   --resume    runs to the end
 
 The per-step losses, gradient norms and token counts of the lineage equal the 1-process run's (rtol 1e-6: the
-ranks' partial sums are added in another order), and so does the final adapter (≤ 1e-6). The 42 examples make
+ranks' partial sums are added in another order), and so does the final adapter (≤ ADAPTER_ATOL). The 42 examples make
 the last global micro-batch of each epoch 2 rows for 4 slots: rank 1 trains a padded stand-in there (stated in
 slimtune.train.distributed), which the equality covers. Every write under the run folder is recorded by an audit
 hook (a sitecustomize on PYTHONPATH) in each worker: rank 0 wrote, rank 1 never did (Python-level opens, mkdir,
@@ -50,6 +50,11 @@ pytestmark = pytest.mark.xdist_group("torchrun")
 STEPS = 12  # the kill lands after step 3: 9 steps of headroom on a fast machine
 KILL_AFTER = 3
 RTOL = 1e-6
+# The adapter after 12 AdamW steps: Adam divides by sqrt(v), which magnifies the ranks' other summation order on
+# coordinates with tiny gradients. Measured with transformers 5.25 / torch 2.13 (CPU, gloo): 1.6e-6 (this lineage),
+# 1.04e-6 (LoRAM) while per-step losses and gradient norms still agree to 1e-6 relative; a gradient that is not
+# reduced, or reduced twice, moves the adapter by ~1e-2.
+ADAPTER_ATOL = 5e-6
 
 # Records every write-like call of a torchrun worker under $SLIMTUNE_TEST_WATCH into writes-rank<RANK>.txt.
 SITECUSTOMIZE = r'''
@@ -232,7 +237,7 @@ def test_two_ranks_equal_one_rank_survive_sigkill_and_resume_exactly(tmp_path, t
     got_adapter = adapter_tensors(run_dir)
     assert got_adapter.keys() == ref_adapter.keys()
     worst = max(float((got_adapter[k] - t).abs().max()) for k, t in ref_adapter.items())
-    assert worst <= 1e-6, worst
+    assert worst <= ADAPTER_ATOL, worst
 
     # Only rank 0 wrote under the run folder (the hook saw rank 0's writes, so it works).
     # (torch.save and safetensors open their files in C++/Rust, unseen by the hook; they run inside the same
@@ -371,7 +376,7 @@ def test_loram_pipeline_on_two_ranks_equals_one(tmp_path, tiny4_dir, rel):
     a, b = (load_file(d / "adapter_recovered" / "adapter_model.safetensors") for d in (one, two))
     assert a.keys() == b.keys()
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
-    assert worst <= 1e-6, worst
+    assert worst <= ADAPTER_ATOL, worst
     assert (two / "merged").is_dir() and (two / "eval.md").is_file()
     print(f"\nLoRAM on 2 ranks vs 1: max |Δ recovered adapter| {worst:.2e}")
 
