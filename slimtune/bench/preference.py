@@ -141,7 +141,7 @@ def preference_bench(model_config: str = "tiny", *, layers: int | None = 2, prom
     batch = pair_batch(cfg.vocab_size, pairs=pairs, prompt=prompt, completion=completion, seed=seed, device=dev)
     out: dict[str, Any] = {"model_config": model_config, "layers": cfg.num_hidden_layers, "pairs": pairs,
                            "prompt": prompt, "completion": completion, "rank": rank, "checkpointing": checkpointing,
-                           "device": str(dev), "dtype": str(dtype).removeprefix("torch."), "trl": trl.__version__}
+                           "device": str(dev), "dtype": str(dtype).removeprefix("torch."), "trl_version": trl.__version__}
     for name, build in (("slimtune", lambda: _slimtune_side(cfg, dtype, dev, rank, checkpointing, seed)),
                         ("trl", lambda: _trl_side(cfg, dtype, dev, rank, checkpointing != "none", seed))):
         model, loss_fn = build()

@@ -207,7 +207,7 @@ def _bench_preference(objective, model_config, layers, seq_len, pairs, rank, ste
                          prompt=seq_len // 2, completion=seq_len - seq_len // 2, pairs=pairs, rank=rank, steps=steps,
                          seed=seed, checkpointing=checkpointing, device=device)
     table = Table(title=f"DPO step, {r['model_config']} ({r['layers']} layers), {pairs} pair(s) of {seq_len} "
-                        f"tokens, {r['device']} {r['dtype']}, checkpointing {checkpointing}; TRL {r['trl']}")
+                        f"tokens, {r['device']} {r['dtype']}, checkpointing {checkpointing}; TRL {r['trl_version']}")
     for c in ("tool", "saved for backward / pair (MiB)", "bytes / token", "tokens/s", "peak fwd / bwd (MiB)"):
         table.add_column(c, justify="right" if c != "tool" else "left")
     for tool in ("slimtune", "trl"):

@@ -26,4 +26,5 @@ def test_cli_writes_the_report(tmp_path):
     assert res.exit_code == 0, res.output
     assert "slimtune / TRL saved bytes per pair" in res.output
     r = json.loads((tmp_path / "dpo.json").read_text())
-    assert r["layers"] == 1 and r["prompt"] == 8 and r["completion"] == 8
+    assert r["layers"] == 1 and r["prompt"] == 8 and r["completion"] == 8 and r["trl_version"].startswith("1.")
+    assert set(r["trl"]) >= {"saved_bytes_per_pair", "tokens_per_second"}
