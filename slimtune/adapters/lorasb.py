@@ -41,7 +41,8 @@ class LoRASBConfig(AdapterConfig):
     kind: Literal["lora_sb"] = "lora_sb"
     init_batches: int = Field(4, ge=1, description="Micro-batches whose summed gradient estimates the first update.")
     init_lr: float | None = Field(
-        None, gt=0, description="η of ΔW₀ = −η·sign(∇W L) (the first AdamW step); None = train.lr."
+        None, gt=0, description="η of ΔW₀ = −η·sign(∇W L), the first AdamW step; None = train.lr. The public code "
+        "uses the first warm-up step's lr, train.lr / (warmup_ratio · steps): set it when training warms up."
     )
     estimate_mib: int = Field(
         1024, gt=0, description="Memory for the gradient estimate: modules are estimated in groups whose fp32 "
