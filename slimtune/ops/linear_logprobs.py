@@ -6,7 +6,9 @@ cross-entropy (slimtune/ops/linear_ce.py), whose chunk loops this op reuses: chu
 one dequantized vocabulary block at a time with an online logsumexp. Row t's log-prob depends on x_t alone, so its
 gradient d logp_t / d x_t = −(softmax − onehot)_t · cap' · W is computed during the forward pass (one (T, H) tensor,
 the size of x, which is therefore not saved) and backward scales row t by the incoming gradient g_t:
-dx_t = −g_t · dx_t. The largest live tensor is the one (c, block) logits block of the linear cross-entropy.
+dx_t = −g_t · dx_t. Only the rows with a target go through the head (as in TRL's fused head): a prompt token costs
+neither head compute nor a saved dx row. The largest live tensor is the one (c, block) logits block of the linear
+cross-entropy.
 
 A trainable dense head (or bias) cannot be pre-reduced that way (dW = Σ_t g_t dlogits_tᵀ x_t needs the g_t), so then
 x is saved instead and backward recomputes each chunk's logits once.
@@ -129,5 +131,8 @@ def linear_token_logprobs(
                    compute_grad=torch.is_grad_enabled() and trains,
                    softcap=None if softcap is None else float(softcap), block=block)
     prims = primitives(resolve_backend(x, backend))
-    out = LinearTokenLogprobsFunction.apply(x2, weight, bias, t2, options, prims)  # (T,)
-    return out.reshape(targets.shape)
+    valid = t2 != ignore_index  # (T,): only these rows go through the head (TRL's fused head does the same)
+    if bool(valid.all()):
+        return LinearTokenLogprobsFunction.apply(x2, weight, bias, t2, options, prims).reshape(targets.shape)
+    lp = LinearTokenLogprobsFunction.apply(x2[valid], weight, bias, t2[valid], options, prims)  # (n,)
+    return torch.zeros_like(t2, dtype=lp.dtype).masked_scatter(valid, lp).reshape(targets.shape)
