@@ -10,6 +10,7 @@ from slimtune.bench.estimate import Estimate, estimate, estimate_full
 from slimtune.config.objective import PAIRED
 from slimtune.errors import ModelError, SlimtuneError
 from slimtune.loram.estimate import recipe_loram_layout
+from slimtune.models.arch import spec_for
 from slimtune.models.load import resolve_package_path
 from slimtune.models.prequantized import bnb_4bit_config
 
@@ -44,6 +45,9 @@ def estimate_recipe_stages(recipe: Any, gpu_mem_gib: float | None = 24.0) -> lis
         a, q, t = r.adapter, r.quant, r.train
         rows, why = _objective_rows(t, full=a.kind == "full")
         t = t.model_copy(update={"micro_batch": rows})
+        if t.objective == "grpo":  # prompt + completion per row
+            r = r.model_copy(update={"data": r.data.model_copy(update={
+                "max_seq_len": t.grpo.max_prompt_len + t.grpo.max_new_tokens})})
         if a.kind == "full":  # full fine-tuning (slimtune.adapters.full): the trainer loads the base dense
             est = estimate_full(
                 config, modules=a.modules, optimizer=t.optimizer, optimizer_on=getattr(t, "optimizer_on", "device"),
@@ -70,6 +74,8 @@ def estimate_recipe_stages(recipe: Any, gpu_mem_gib: float | None = 24.0) -> lis
         )
         est.model = recipe.model.name + ("" if loram is None else f" pruned at ratio {loram['ratio']:g} (LoRAM)")
         est.notes += why
+        if t.objective == "grpo":
+            _grpo_generation(est, config, t)
         if stored is not None:  # always streamed as stored (slimtune.models.prequantized), whatever model.load says
             est.host_load_full_bytes = est.host_load_peak_bytes
             est.notes.append(f"pre-quantized bitsandbytes checkpoint: its {stored['mode']} weights"
@@ -90,6 +96,12 @@ def _objective_rows(train: Any, *, full: bool) -> tuple[int, list[str]]:
     obj = getattr(train, "objective", "sft")
     if obj == "sft":
         return train.micro_batch, []
+    if obj == "grpo":
+        g = train.grpo
+        rows = train.micro_batch * g.num_generations
+        return rows, [f"train.objective grpo: {train.micro_batch} prompts x G = {g.num_generations} completions: "
+                      f"{rows} rows of <= {g.max_prompt_len} prompt + {g.max_new_tokens} completion tokens"
+                      + (", reference (beta > 0) = the base with the adapters off under no_grad" if g.beta else "")]
     rows = train.micro_batch * (2 if obj in PAIRED else 1)
     notes = [f"train.objective {obj}: " + (f"chosen + rejected in one forward: {rows} rows of <= data.max_seq_len"
                                            if obj in PAIRED else f"{rows} rows + {rows} KL rows under no_grad")]
@@ -101,6 +113,26 @@ def _objective_rows(train: Any, *, full: bool) -> tuple[int, list[str]]:
                      "no second model, no saved activations (its forward's transient buffers come before the "
                      "policy's)")
     return rows, notes
+
+
+def _grpo_generation(est: Any, config: Any, train: Any) -> None:
+    """GRPO's sampling phase: the KV cache of micro_batch × G rows of prompt + completion (compute dtype, every
+    layer) and the last position's logits (fp32), on top of what persists (weights, adapter, optimizer states); it
+    is freed before the step's forward and backward. The peak is the larger phase: when sampling is, the difference
+    is added to the activations component."""
+    spec = spec_for(config)
+    geo = spec.geometry(config) if spec is not None else None
+    layers = int(getattr(config, "num_hidden_layers", 0))
+    rows, seq = train.micro_batch, train.grpo.max_prompt_len + train.grpo.max_new_tokens
+    kv = 2 * layers * (geo.kv_heads * geo.head_dim if geo is not None else 0) * seq * rows * 2
+    logits = rows * int(getattr(config, "vocab_size", 0)) * 4 * 2  # fp32 logits and their softmax
+    persistent = sum(v for k, v in est.components().items() if k not in ("layer_inputs", "activations", "logits"))
+    gen = persistent + kv + logits
+    est.notes.append(f"GRPO sampling: KV cache {kv / 2**30:.2f} GiB for {rows} rows x {seq} tokens, phase peak "
+                     f"{gen / 2**30:.2f} GiB (freed before the step's forward; the training step's peak is "
+                     f"{est.total_bytes / 2**30:.2f} GiB)")
+    if gen > est.total_bytes:
+        est.activation_bytes += gen - est.total_bytes
 
 
 def estimate_for_recipe(recipe: Any, gpu_mem_gib: float | None = 24.0) -> Estimate:

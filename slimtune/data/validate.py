@@ -13,6 +13,7 @@ from typing import Any
 
 from slimtune.config.data import DataConfig
 from slimtune.data.preference import check_preference_record
+from slimtune.data.prompts import prompt_messages
 from slimtune.data.readers import HUB_PREFIX, Invalid, RecordError, extract_messages, extract_text, iter_records
 from slimtune.errors import DataError
 
@@ -25,6 +26,9 @@ def check_record(rec: Any, src, fmt: str) -> None:
         raise RecordError(rec.reason)
     if fmt in ("preference", "kto"):
         check_preference_record(rec, src, fmt)
+        return
+    if fmt == "prompt":
+        prompt_messages(rec, src)
         return
     if fmt == "text":
         extract_text(rec, src)
