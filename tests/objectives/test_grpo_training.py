@@ -14,9 +14,11 @@ from slimtune.adapters.base import get_adapter_class
 from slimtune.adapters.inject import adapters_of, inject
 from slimtune.config.recipe import load_recipe_dict
 from slimtune.data.prompts import PromptData
+from slimtune.models.fused import fuse_model
 from slimtune.models.load import QuantConfig, prepare_loaded
 from slimtune.models.tiny import tiny_llama_config, tiny_tokenizer
 from slimtune.objectives.rollout import left_pad, sample
+from slimtune.ops.dispatch import set_backend
 from slimtune.train.evaluation import recipe_callbacks
 from slimtune.train.loop import Trainer
 
@@ -61,7 +63,7 @@ def rows(run):
     return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def _adapted():
+def _adapted(fused=False):
     L = loaded(init=0.02)
     inject(L.model, get_adapter_class("lora").Config(kind="lora", rank=4, alpha=8.0))
     g = torch.Generator().manual_seed(1)
@@ -70,14 +72,18 @@ def _adapted():
             for n in a.trainable_names():
                 p = a.get_parameter(n)
                 p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    if fused:  # the fused ops (the recipe default) with the KV cache
+        set_backend("auto")
+        fuse_model(L.model)
     tok = L.tokenizer
     ids, mask = left_pad([torch.tensor(tok(t)["input_ids"]) for t in ("hello there friend", "a b", "x")],
                          tok.pad_token_id)
     return L.model, ids, mask
 
 
-def test_greedy_rollout_equals_generate_and_stops_at_eos():
-    model, ids, mask = _adapted()
+@pytest.mark.parametrize("fused", [False, True])
+def test_greedy_rollout_equals_generate_and_stops_at_eos(fused):
+    model, ids, mask = _adapted(fused)
     hf = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
                         pad_token_id=3, eos_token_id=None)[:, ids.shape[1]:]
     ro = sample(model, ids, mask, max_new_tokens=6, eos_ids=[], pad_id=3, temperature=0)
@@ -117,9 +123,10 @@ def test_prompt_windows_repeat_for_num_iterations():
 
 
 @pytest.mark.slow
-def test_reward_rises_from_reward_alone(tmp_path):
+@pytest.mark.parametrize("fused", [False, True])
+def test_reward_rises_from_reward_alone(tmp_path, fused):
     """The reward (share of completion tokens with id < 256) climbs over 16 steps of GRPO, on the training and on held-out prompts."""
-    rec = recipe(tmp_path, records=24, sample_every=4, train={"eval_every": 8, "steps": 16}, data={"holdout": 8})
+    rec = recipe(tmp_path, records=24, sample_every=4, train={"eval_every": 8, "steps": 16, "fused": fused}, data={"holdout": 8})
     t = Trainer(rec, run_dir=tmp_path / "run", loaded=loaded(), callbacks=recipe_callbacks(rec))
     t.setup()
     t.train()
