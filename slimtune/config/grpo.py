@@ -32,8 +32,8 @@ class RewardConfig(BaseModel):
     fn: str = Field(min_length=1)
     """`exact` (the completion's answer equals the record's `field`, case and spaces ignored), `numeric` (its last
     number equals the field's number within `tolerance`), `regex` (1 when `pattern` is found, `fullmatch: true`:
-    when it matches the whole completion), `length` (−max(0, tokens − `target`)/`target`), `dates` (partial credit
-    for year, month and day of an ISO date), or a Python callable `module.path:name` called as
+    when it matches the whole completion), `length` (−max(0, tokens − `target`)/`target`), `dates` (a third each for
+    the month name, day and year of a date written in words), or a Python callable `module.path:name` called as
     fn(prompts, completions, **record_fields) → one float per completion."""
 
     weight: float = 1.0

@@ -11,8 +11,9 @@ named by import path (``mypkg.rewards:correct``). Built-ins (slimtune.config.grp
   max(1, |reference|); "1,234" and "$5" read as numbers);
 - ``regex``: 1 when ``pattern`` is found in the completion (``fullmatch``: matches all of it), else 0;
 - ``length``: −max(0, completion tokens − ``target``) / ``target``;
-- ``dates``: partial credit for a date written in words ("March 5, 1957"): a third each for the month, the day and
-  the year found in the completion that equal the reference's.
+- ``dates``: partial credit for a date written in words ("March 5, 1957"): a third each for the month name, the day
+  (the number right after it) and the year found in the completion that equal the reference's (an echoed ISO date
+  earns the year only).
 
 A reward that raises, returns the wrong number of values, or a value that is not a finite number is one
 ``RewardError`` naming the function and the first record it fails on (file:line), never a silent zero.
@@ -62,12 +63,9 @@ def parse_number(text: str) -> float | None:
 
 
 def date_parts(text: str) -> tuple[str | None, int | None, int | None]:
-    """(month name, day, year) found in ``text`` ("March 5, 1957"; ISO "1957-03-05" too), any missing as None."""
+    """(month name, day, year) of a date written in words in ``text`` ("March 5, 1957", "5 March 1957" gives no
+    day), any missing as None. An ISO date ("1957-03-05") has a year but no month name and no day."""
     t = str(text).lower()
-    iso = re.search(r"(\d{4})-(\d{2})-(\d{2})", t)
-    if iso:
-        y, m, d = (int(g) for g in iso.groups())
-        return (MONTHS[m - 1] if 1 <= m <= 12 else None), d, y
     month = next((m for m in MONTHS if re.search(rf"\b{m}\b", t)), None)
     day = year = None
     if month is not None:
