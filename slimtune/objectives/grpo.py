@@ -34,6 +34,7 @@ import torch.nn as nn
 
 from slimtune.config.grpo import GRPOConfig
 from slimtune.data.chat import IGNORE_INDEX
+from slimtune.eval.generate import _eos_ids
 from slimtune.objectives.base import Objective
 from slimtune.objectives.logprobs import adapters_off, completion_logps
 from slimtune.objectives.rewards import Rewards
@@ -127,7 +128,7 @@ class GRPO(Objective):
     def setup(self, trainer) -> None:
         self.tokenizer = trainer.tokenizer
         self.pad_id = int(trainer.data.pad_id)
-        self.eos_ids = eos_ids(trainer.model, self.tokenizer)
+        self.eos_ids = _eos_ids(trainer.model, self.tokenizer)  # the generation config's and the tokenizer's
         data = trainer.data
         if hasattr(data, "repeat"):  # each step's prompts μ times in a row (num_iterations)
             data.window, data.repeat = trainer.recipe.train.grad_accum, self.cfg.num_iterations
@@ -299,13 +300,3 @@ class GRPO(Objective):
 def completion_mask(labels: torch.Tensor) -> torch.Tensor:
     """(N, T) bool: positions whose next token is a completion token (the alignment of completion_logps)."""
     return torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:] != IGNORE_INDEX
-
-
-def eos_ids(model: nn.Module, tokenizer) -> list[int]:
-    """The end-of-sequence ids: the model's generation config's and the tokenizer's."""
-    ids: list[int] = []
-    for src in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
-        for i in src if isinstance(src, (list, tuple)) else [src]:
-            if i is not None and int(i) not in ids:
-                ids.append(int(i))
-    return ids

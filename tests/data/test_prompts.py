@@ -22,7 +22,8 @@ def _write(tmp_path, rows):
 def test_prompts_rendered_fields_kept(tmp_path):
     tok = train_tiny_tokenizer(["What is 2 + 3? answer 5 hello"], vocab_size=300)
     rows = [{"prompt": f"What is {i} + 3?", "answer": str(i + 3)} for i in range(10)]
-    rows.append({"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], "answer": "x"})
+    rows.append({"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                 "answer": "x"})
     cfg = DataConfig(sources=[{"path": str(_write(tmp_path, rows))}], format="prompt", holdout=3, max_seq_len=64)
     d = build_prompt_dataset(cfg, tok, base_dir=tmp_path, seed=0)
     assert len(d) == 8 and len(d.holdout) == 3

@@ -125,8 +125,10 @@ def test_prompt_windows_repeat_for_num_iterations():
 @pytest.mark.slow
 @pytest.mark.parametrize("fused", [False, True])
 def test_reward_rises_from_reward_alone(tmp_path, fused):
-    """The reward (share of completion tokens with id < 256) climbs over 16 steps of GRPO, on the training and on held-out prompts."""
-    rec = recipe(tmp_path, records=24, sample_every=4, train={"eval_every": 8, "steps": 16, "fused": fused}, data={"holdout": 8})
+    """The reward (share of completion tokens with id < 256) climbs over 16 steps of GRPO, on the training and on
+    held-out prompts."""
+    rec = recipe(tmp_path, records=24, sample_every=4, train={"eval_every": 8, "steps": 16, "fused": fused},
+                 data={"holdout": 8})
     t = Trainer(rec, run_dir=tmp_path / "run", loaded=loaded(), callbacks=recipe_callbacks(rec))
     t.setup()
     t.train()

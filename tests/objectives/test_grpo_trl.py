@@ -63,7 +63,8 @@ def _micro(prompt_lens, comp_lens, seed):
     labels = torch.full_like(ids, -100)
     labels[:, P:] = torch.where(c_mask.bool(), c_ids, torch.full_like(c_ids, -100))
     # old / reference log-probs: the policy's plus noise (ratios off 1, some clipped), as TRL's (N, C) and ours (N, T)
-    old_c = (torch.randn(N, C, generator=g, dtype=torch.float64) + torch.randn(N, 1, generator=g, dtype=torch.float64)) * 0.3
+    old_c = (torch.randn(N, C, generator=g, dtype=torch.float64)
+             + torch.randn(N, 1, generator=g, dtype=torch.float64)) * 0.3  # per-row offsets: sequence ratios off 1
     ref_c = torch.randn(N, C, generator=g, dtype=torch.float64) * 0.3
     trl_in = {"prompt_ids": p_ids, "prompt_mask": p_mask, "completion_ids": c_ids, "completion_mask": c_mask}
     ours = {"input_ids": ids, "attention_mask": attn, "labels": labels}

@@ -80,7 +80,8 @@ def test_wrong_length_and_missing_field(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(RewardError, match="returned 1 values for 2 completions"):
         Rewards([RewardConfig(fn="myr2:f")])(_recs("x", "y"), ["a", "b"], [[1], [1]])
-    with pytest.raises(RewardError, match=r"reward numeric raised KeyError: .*no field 'gold'.* on record data.jsonl:1"):
+    with pytest.raises(RewardError, match=r"reward numeric raised KeyError: .*no field 'gold'.* on record "
+                                          r"data.jsonl:1"):
         Rewards([RewardConfig(fn="numeric", field="gold")])(_recs("1"), ["1"], [[1]])
     with pytest.raises(RewardError, match="cannot import nosuchmod:f"):
         Rewards([RewardConfig(fn="nosuchmod:f")])
