@@ -22,6 +22,7 @@ class Objective:
 
     name: ClassVar[str]
     uses_reference: ClassVar[bool] = False
+    generates: ClassVar[bool] = False  # ``prepare`` samples completions: the Trainer runs it as the "generate" phase
 
     def __init__(self) -> None:
         self._sums: dict[str, float] = defaultdict(float)
@@ -31,8 +32,8 @@ class Objective:
         """Called once by the Trainer after its model, tokenizer and data exist (GRPO: the sampling setup)."""
 
     def prepare(self, trainer, micro: list) -> list:
-        """The step's micro-batches as the loss sees them; called at the start of each step (GRPO samples and
-        scores completions here). Default: unchanged."""
+        """The step's micro-batches as the loss sees them; called at the start of each step when ``generates``
+        (GRPO samples and scores completions here). Default: unchanged."""
         return micro
 
     def state_dict(self) -> dict:

@@ -109,6 +109,7 @@ class GRPO(Objective):
     collates the step's micro-batches (before any forward of the step); ``loss_sum`` is the clipped surrogate."""
 
     name = "grpo"
+    generates = True
 
     def __init__(self, cfg: GRPOConfig, seed: int = 0):
         super().__init__()

@@ -347,8 +347,9 @@ class Trainer:
         """One optimizer step over the micro-batches ``micro`` (``train`` gives it ``grad_accum`` of the data's;
         the benchmark also calls it on batches of its own). Non-finite loss or gradient: ``train.on_nonfinite``."""
         t0 = time.perf_counter()
-        with self._phase("generate"):  # GRPO: sample and score completions (the cache freed before backward)
-            micro = self.objective.prepare(self, micro)
+        if self.objective.generates:  # GRPO: sample and score completions (the cache freed before backward)
+            with self._phase("generate"):
+                micro = self.objective.prepare(self, micro)
         n_target = sum(self.objective.count(b) for b in micro)  # tokens (SFT), pairs or examples
         n_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
         if self.dist is not None:  # the global step's counts: every rank normalises by the same target tokens
