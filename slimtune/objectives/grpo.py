@@ -32,8 +32,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from slimtune.adapters.inject import adapters_of
 from slimtune.config.grpo import GRPOConfig
 from slimtune.data.chat import IGNORE_INDEX
+from slimtune.errors import RecipeError
 from slimtune.eval.generate import _eos_ids
 from slimtune.objectives.base import Objective
 from slimtune.objectives.logprobs import adapters_off, completion_logps
@@ -127,6 +129,12 @@ class GRPO(Objective):
 
     # ---------------------------------------------------------------------------------------------- setup
     def setup(self, trainer) -> None:
+        if trainer.dist is not None:
+            raise RecipeError("train.objective: grpo runs in one process (torchrun / train.distributed is not "
+                              "supported for it yet)")
+        if self.uses_reference and not adapters_of(trainer.model):
+            raise RecipeError("train.grpo.beta: the reference is the base with the adapters off, so full "
+                              "fine-tuning needs beta: 0")
         self.tokenizer = trainer.tokenizer
         self.pad_id = int(trainer.data.pad_id)
         self.eos_ids = _eos_ids(trainer.model, self.tokenizer)  # the generation config's and the tokenizer's

@@ -171,3 +171,16 @@ def test_resume_is_exact(tmp_path):
     assert ra[1]["clip_ratio/region_mean"] >= 0 and "kl" in ra[0]
     wa, wb = ta._trained_tensors(), t._trained_tensors()
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_full_fine_tuning_with_kl_is_refused(tmp_path):
+    """β > 0 needs the adapters-off reference: a full fine-tuning run says so in one line instead of a zero KL."""
+    from slimtune.errors import RecipeError
+
+    rec = recipe(tmp_path, beta=0.1)
+    t = Trainer(rec, run_dir=tmp_path / "run", loaded=loaded(), trainable="model")
+    for p in t.loaded.model.parameters():
+        p.requires_grad_(False)
+    t.loaded.model.lm_head.weight.requires_grad_(True)
+    with pytest.raises(RecipeError, match="full fine-tuning needs beta: 0"):
+        t.setup()
