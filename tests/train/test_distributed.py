@@ -52,7 +52,7 @@ KILL_AFTER = 3
 RTOL = 1e-6
 # The adapter after 12 AdamW steps: Adam divides by sqrt(v), which magnifies the ranks' other summation order on
 # coordinates with tiny gradients. Measured with transformers 5.25 / torch 2.13 (CPU, gloo): 1.6e-6 (this lineage),
-# 1.04e-6 (LoRAM) while per-step losses and gradient norms still agree to 1e-6 relative; a gradient that is not
+# 1.04e-6 (LoRAM), 2.4e-6 (FSDP stacked stages) while per-step losses and gradient norms still agree to 1e-6 relative; a gradient that is not
 # reduced, or reduced twice, moves the adapter by ~1e-2.
 ADAPTER_ATOL = 5e-6
 
@@ -444,7 +444,7 @@ def test_fsdp_equals_ddp_and_one_rank_survives_sigkill_and_resumes_exactly(tmp_p
     assert a.keys() == b.keys() == c.keys()
     vs_ddp = max(float((a[k] - b[k]).abs().max()) for k in a)
     vs_one = max(float((a[k] - c[k]).abs().max()) for k in a)
-    assert vs_ddp <= 1e-6 and vs_one <= 1e-6, (vs_ddp, vs_one)
+    assert vs_ddp <= 1e-6 and vs_one <= ADAPTER_ATOL, (vs_ddp, vs_one)  # FSDP equals DDP; both near 1 process
 
     # The step-8 checkpoint (written after the resume) holds each rank's AdamW state of its shards: put together
     # along dim 0 (FSDP's split), the 1-process state.
@@ -535,7 +535,7 @@ def test_fsdp_runs_a_stacked_two_stage_recipe_with_evaluation_and_merge(tmp_path
         a, b = (d / "stages" / stage for d in (one, two))
         assert_rows_match(metric_rows(b), metric_rows(a), stage)
         ta, tb = adapter_tensors(a), adapter_tensors(b)
-        assert ta.keys() == tb.keys() and max(float((ta[k] - tb[k]).abs().max()) for k in ta) <= 1e-6
+        assert ta.keys() == tb.keys() and max(float((ta[k] - tb[k]).abs().max()) for k in ta) <= ADAPTER_ATOL
         ea, eb = (json.loads((d / "stage_summary.json").read_text())["eval"] for d in (a, b))
         assert ea.keys() == eb.keys() and len(ea) == 2, ea  # before and after
         for label in ea:
