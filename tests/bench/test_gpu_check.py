@@ -85,24 +85,38 @@ def _steps_file(tmp_path, res, caps: dict[str, int], order=None) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def budget():
+    """bench/gpu/budget.py imported in this process (its imports paid once, not per check)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_budget", GPU / "budget.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("caps,order,needle", [
     ({"bench": 20}, None, "TOO LONG"),  # the 8B bench cannot fit 20 s
     ({"maxctx": 40}, None, "TOO LONG"),  # nor the max-context search 40 s
     ({"microbench": 100}, None, "the caps exceed the budget"),
     ({}, ("env", "setup", "microbench", "correctness", "dispatch", "bench", "maxctx"), "FIRST 3 MINUTES"),
+    ({}, None, None),  # the shipped steps and caps fit
 ])
-def test_budget_fails_when_a_step_cannot_fit(dry_run, tmp_path, caps, order, needle):
+def test_budget_fails_when_a_step_cannot_fit(dry_run, budget, tmp_path, capsys, caps, order, needle):
     _, res = dry_run
-    steps = _steps_file(tmp_path, res, caps, order)
-    r = _py(GPU / "budget.py", "--steps", steps, "--here", res / "budget.json", timeout=300)
-    assert r.returncode == 1 and needle in r.stdout, r.stdout + r.stderr[-2000:]
+    code = budget.main(["--steps", str(_steps_file(tmp_path, res, caps, order)), "--here", str(res / "budget.json")])
+    out = capsys.readouterr().out
+    if needle is None:
+        assert code == 0, out
+        return
+    assert code == 1 and needle in out, out
     if caps and needle == "TOO LONG":
         (name, _), = caps.items()
-        assert [line for line in r.stdout.splitlines() if line.startswith(f"  {name} ")][0].count("TOO LONG") == 1
-    ok = _py(GPU / "budget.py", "--steps", _steps_file(tmp_path, res, {}), "--here", res / "budget.json",
-             timeout=300)  # fmt: skip
-    assert ok.returncode == 0, ok.stdout
+        assert [line for line in out.splitlines() if line.startswith(f"  {name} ")][0].count("TOO LONG") == 1
 
 
 def test_carried_wheels_cover_the_device_python(tmp_path):
