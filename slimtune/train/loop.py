@@ -50,7 +50,7 @@ from slimtune.train.fsdp import LocalShards, full_value
 from slimtune.train.merge import CHAT_TEMPLATE_FILE, merge_to_folder, save_model_folder
 from slimtune.train.oom import oom_guard
 from slimtune.train.optim import build_optimizer, build_scheduler, drop_frozen
-from slimtune.train.report import Reporter, SilentReporter
+from slimtune.train.report import Reporter, SilentReporter, append_metrics, metric_rows, truncate_metrics
 from slimtune.train.state import (
     COMPLETE,
     check_resume_compatible,
@@ -470,7 +470,7 @@ class Trainer:
             "peak_memory_bytes": peak_memory_bytes(self.device),
             "device": str(self.device),
             "data": self.data.stats,
-            "skipped_steps": self._skipped_steps(),
+            "skipped_steps": [row["step"] for row in metric_rows(self.metrics_path) if row.get("skipped")],
             "fused": self.fuse_report.lines() if self.fuse_report is not None else None,
             "kernels": dispatch_report() if self.fuse_report is not None else None,
         }
@@ -482,37 +482,19 @@ class Trainer:
         return [h for cb in self.callbacks if (h := cb.on_oom(self, error))]
 
     # ------------------------------------------------------------------------------------------ save
-    def _log_metrics(self, res: StepResult) -> None:
-        if not self._writes:
-            return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": res.step, "loss": res.loss, "lr": res.lr, "tokens": res.tokens,
-                                "grad_norm": res.grad_norm, "seconds": round(res.seconds, 4),
-                                "skipped": res.skipped, **res.metrics}) + "\n")
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
 
-    def _metric_rows(self) -> list[dict]:
-        """The rows of metrics.jsonl; a line cut short by a crash is dropped."""
-        path = self.run_dir / "metrics.jsonl"
-        rows = []
-        for ln in path.read_text(errors="replace").splitlines() if path.is_file() else []:
-            try:
-                row = json.loads(ln)
-            except ValueError:
-                continue
-            if isinstance(row, dict) and isinstance(row.get("step"), int):
-                rows.append(row)
-        return rows
+    def _log_metrics(self, res: StepResult) -> None:
+        if self._writes:
+            append_metrics(self.metrics_path, {
+                "step": res.step, "loss": res.loss, "lr": res.lr, "tokens": res.tokens, "grad_norm": res.grad_norm,
+                "seconds": round(res.seconds, 4), "skipped": res.skipped, **res.metrics})
 
     def _truncate_metrics(self, step: int) -> None:
-        path = self.run_dir / "metrics.jsonl"
-        if path.is_file() and self._writes:
-            rows = [row for row in self._metric_rows() if row["step"] <= step]
-            path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-
-    def _skipped_steps(self) -> list[int]:
-        """Steps skipped for a non-finite loss over the whole run (this process and the ones it resumed)."""
-        return [row["step"] for row in self._metric_rows() if row.get("skipped")]
+        if self._writes:
+            truncate_metrics(self.metrics_path, step)
 
     def save_checkpoint(self) -> Path:
         ranks = checkpoint_ranks(self.dist)  # world size and every rank's RNG (torchrun: a collective, all ranks)

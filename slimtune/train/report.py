@@ -1,7 +1,10 @@
-"""How the training loop reports progress. The loop only calls a ``Reporter``; the CLI renders it with rich."""
+"""How the training loop reports progress. The loop only calls a ``Reporter``; the CLI renders it with rich.
+``metrics.jsonl`` (one row per optimizer step) is read, appended and cut back here."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Protocol
 
 
@@ -35,3 +38,28 @@ class SilentReporter:
 
     def stop(self) -> None:
         pass
+
+
+def append_metrics(path: Path, row: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def metric_rows(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl; a line cut short by a crash is dropped."""
+    rows = []
+    for ln in path.read_text(errors="replace").splitlines() if path.is_file() else []:
+        try:
+            row = json.loads(ln)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the rows past ``step`` (they belong to a run that was killed after its last checkpoint)."""
+    if path.is_file():
+        path.write_text("".join(json.dumps(row) + "\n" for row in metric_rows(path) if row["step"] <= step))
