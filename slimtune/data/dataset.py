@@ -302,6 +302,19 @@ def build_dataset(cfg: DataConfig, tokenizer, *, base_dir: Path, seed: int) -> T
                      shuffle=cfg.shuffle)
 
 
+def chat_setup(cfg: DataConfig, tokenizer, base_dir: Path, seed: int) -> tuple[int, int]:
+    """The common start of the unpacked chat formats (preference, kto, prompt): no replay or packing, the chat
+    template set on the tokenizer and checked. Returns (the data seed, the pad id)."""
+    if cfg.replay is not None or cfg.packing:
+        raise DataError(f"data.format: {cfg.format}: replay and packing apply to SFT data only")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ModelError("the tokenizer has neither a pad nor an eos token")
+    set_chat_template(tokenizer, cfg.chat_template, base_dir)
+    check_chat_tokenizer(tokenizer)
+    return (cfg.seed if cfg.seed is not None else int(seed)), pad_id
+
+
 def _make_sources(cfg: DataConfig) -> list[_Source]:
     out: list[_Source] = []
     seen: dict[str, int] = {}

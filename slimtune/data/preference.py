@@ -34,11 +34,10 @@ import numpy as np
 import torch
 
 from slimtune.config.data import DataConfig, SourceConfig
-from slimtune.data.chat import IGNORE_INDEX, check_chat_tokenizer, render_conversations
-from slimtune.data.dataset import TrainData, _make_sources, _rng, collate
+from slimtune.data.chat import IGNORE_INDEX, render_conversations
+from slimtune.data.dataset import TrainData, _make_sources, _rng, chat_setup, collate
 from slimtune.data.readers import Invalid, RecordError, extract_messages, iter_records
-from slimtune.data.templates import set_chat_template
-from slimtune.errors import DataError, ModelError
+from slimtune.errors import DataError
 
 PAIR_KEYS = ("chosen", "rejected")
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
@@ -222,14 +221,7 @@ def collate_unpaired(examples: Sequence[dict[str, Any]], pad_id: int) -> dict[st
 def build_preference_dataset(cfg: DataConfig, tokenizer, *, base_dir: Path, seed: int) -> PreferenceData:
     """Read and tokenize `format: preference|kto` data (main sources; `holdout` and `eval_sources` give the
     held-out examples of `train.eval_every`). Replay mixing and packing do not apply to preference data."""
-    if cfg.replay is not None or cfg.packing:
-        raise DataError(f"data.format: {cfg.format}: replay and packing apply to SFT data only")
-    seed = cfg.seed if cfg.seed is not None else int(seed)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise ModelError("the tokenizer has neither a pad nor an eos token")
-    set_chat_template(tokenizer, cfg.chat_template, base_dir)
-    check_chat_tokenizer(tokenizer)
+    seed, pad_id = chat_setup(cfg, tokenizer, base_dir, seed)
     train: list[dict] = []
     held: list[dict] = []
     per_source: dict[str, dict] = {}

@@ -21,11 +21,9 @@ from typing import Any
 import torch
 
 from slimtune.config.data import DataConfig, SourceConfig
-from slimtune.data.chat import check_chat_tokenizer
-from slimtune.data.dataset import TrainData, _make_sources, _rng
+from slimtune.data.dataset import TrainData, _make_sources, _rng, chat_setup
 from slimtune.data.readers import Invalid, RecordError, extract_messages, iter_records
-from slimtune.data.templates import set_chat_template
-from slimtune.errors import DataError, ModelError
+from slimtune.errors import DataError
 
 
 def prompt_messages(rec: Any, src: SourceConfig) -> list[dict]:
@@ -82,14 +80,7 @@ class PromptData(TrainData):
 def build_prompt_dataset(cfg: DataConfig, tokenizer, *, base_dir: Path, seed: int) -> PromptData:
     """Read and tokenize `format: prompt` data (`holdout` and `eval_sources`: the held-out prompts of the
     evaluation). Prompts are not truncated here: the objective keeps their last `max_prompt_len` tokens."""
-    if cfg.replay is not None or cfg.packing:
-        raise DataError("data.format: prompt: replay and packing apply to SFT data only")
-    seed = cfg.seed if cfg.seed is not None else int(seed)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise ModelError("the tokenizer has neither a pad nor an eos token")
-    set_chat_template(tokenizer, cfg.chat_template, base_dir)
-    check_chat_tokenizer(tokenizer)
+    seed, pad_id = chat_setup(cfg, tokenizer, base_dir, seed)
     train: list[dict] = []
     held: list[dict] = []
     per_source: dict[str, dict] = {}
