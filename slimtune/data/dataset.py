@@ -315,6 +315,18 @@ def chat_setup(cfg: DataConfig, tokenizer, base_dir: Path, seed: int) -> tuple[i
     return (cfg.seed if cfg.seed is not None else int(seed)), pad_id
 
 
+def hold_out(train: list, held: list, holdout: float | int | None, seed: int) -> tuple[list, list]:
+    """Move ``data.holdout`` of the unpacked formats' training examples (a fraction or a count, drawn with the data
+    seed) to the front of ``held``. Returns (train, held)."""
+    if not holdout:
+        return train, held
+    k = max(1, int(round(holdout * len(train)))) if isinstance(holdout, float) else int(holdout)
+    if k >= len(train):
+        raise DataError(f"data.holdout: {holdout} leaves no training records (the sources have {len(train)})")
+    pick = set(_rng(seed, 0).permutation(len(train))[:k].tolist())
+    return [e for i, e in enumerate(train) if i not in pick], [train[i] for i in sorted(pick)] + held
+
+
 def _make_sources(cfg: DataConfig) -> list[_Source]:
     out: list[_Source] = []
     seen: dict[str, int] = {}

@@ -35,7 +35,7 @@ import torch
 
 from slimtune.config.data import DataConfig, SourceConfig
 from slimtune.data.chat import IGNORE_INDEX, render_conversations
-from slimtune.data.dataset import TrainData, _make_sources, _rng, chat_setup, collate
+from slimtune.data.dataset import TrainData, _make_sources, chat_setup, collate, hold_out
 from slimtune.data.readers import Invalid, RecordError, extract_messages, iter_records
 from slimtune.errors import DataError
 
@@ -231,14 +231,7 @@ def build_preference_dataset(cfg: DataConfig, tokenizer, *, base_dir: Path, seed
             e["source"] = s.name
         per_source[s.name] = {**stats, "group": s.group}
         (held if s.group == "eval" else train).extend(exs)
-    h = cfg.holdout
-    if h:
-        k = max(1, int(round(h * len(train)))) if isinstance(h, float) else int(h)
-        if k >= len(train):
-            raise DataError(f"data.holdout: {h} leaves no training records (the sources have {len(train)})")
-        pick = set(_rng(seed, 0).permutation(len(train))[:k].tolist())
-        held = [train[i] for i in sorted(pick)] + held
-        train = [e for i, e in enumerate(train) if i not in pick]
+    train, held = hold_out(train, held, cfg.holdout, seed)
     if not train:
         raise DataError("data: no training examples")
     if cfg.format == "kto":

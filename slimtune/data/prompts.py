@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from slimtune.config.data import DataConfig, SourceConfig
-from slimtune.data.dataset import TrainData, _make_sources, _rng, chat_setup
+from slimtune.data.dataset import TrainData, _make_sources, chat_setup, hold_out
 from slimtune.data.readers import Invalid, RecordError, extract_messages, iter_records
 from slimtune.errors import DataError
 
@@ -105,14 +105,7 @@ def build_prompt_dataset(cfg: DataConfig, tokenizer, *, base_dir: Path, seed: in
                  "where": where, "source": s.name})
             st["records"] += 1
         per_source[s.name] = {**st, "group": s.group}
-    h = cfg.holdout
-    if h:
-        k = max(1, int(round(h * len(train)))) if isinstance(h, float) else int(h)
-        if k >= len(train):
-            raise DataError(f"data.holdout: {h} leaves no training records (the sources have {len(train)})")
-        pick = set(_rng(seed, 0).permutation(len(train))[:k].tolist())
-        held = [train[i] for i in sorted(pick)] + held
-        train = [e for i, e in enumerate(train) if i not in pick]
+    train, held = hold_out(train, held, cfg.holdout, seed)
     if not train:
         raise DataError("data: no training prompts")
     stats = {"format": "prompt", "seed": seed, "sources": per_source,
